@@ -1,0 +1,289 @@
+"""The training loop: it learns, logs every loss term, is reproducible, respects a frozen teacher,
+stops cleanly on an interrupt, and evaluates the right network."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import math
+import platform
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from kdbook_utils.data import ImageDataset, TensorLoader
+from kdbook_utils.models import create_model
+from kdbook_utils.train import (
+    CrossEntropy,
+    Distiller,
+    choose_device,
+    configure_cpu_performance,
+    evaluate,
+    fit,
+    lr_factor,
+    predict,
+    seed_everything,
+)
+
+IMAGE_SIZE = 8  # the zoo's ResNets work at any size the two stride-2 stages can halve; small is fast
+
+
+def toy_dataset(count: int, seed: int) -> ImageDataset:
+    """Two classes anyone can tell apart: a bright top half (class 0) or a bright bottom half (class 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (count,), generator=generator)
+    images = torch.randint(0, 80, (count, 1, IMAGE_SIZE, IMAGE_SIZE), generator=generator)
+    half = IMAGE_SIZE // 2
+    images[labels == 0, :, :half] += 150
+    images[labels == 1, :, half:] += 150
+    return ImageDataset(
+        name="toy", split="train", images=images.to(torch.uint8), labels=labels, classes=["top", "bottom"],
+        mean=(0.4,), std=(0.3,), flip_ok=False,
+    )  # fmt: skip
+
+
+def loaders(batch_size: int = 32) -> tuple[TensorLoader, TensorLoader]:
+    train = TensorLoader(toy_dataset(128, seed=0), batch_size, train=True, augment=False, seed=0)
+    test = TensorLoader(toy_dataset(64, seed=1), 64, train=False)
+    return train, test
+
+
+def small_resnet(seed: int = 0) -> nn.Module:
+    seed_everything(seed)
+    return create_model("resnet8", 2, in_channels=1)
+
+
+class KnowledgeDistillation(Distiller):
+    """A two-term method for the tests: cross-entropy plus a KL term towards the frozen teacher.
+
+    It records the teacher's mode at every forward, and can raise KeyboardInterrupt at a chosen epoch.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, interrupt_at_epoch: int | None = None) -> None:
+        super().__init__(student, teacher)
+        self.interrupt_at_epoch = interrupt_at_epoch
+        self.teacher_modes: list[bool] = []
+        self.batches_started: list[tuple[int, int]] = []
+        self.epoch = 0
+
+    def on_batch_start(self, epoch: int, batch: int) -> None:
+        self.batches_started.append((epoch, batch))
+        self.epoch = epoch
+
+    def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.epoch == self.interrupt_at_epoch:
+            raise KeyboardInterrupt
+        self.teacher_modes.append(self.teacher.training)
+        logits = self.student(images)
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        kd = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1), log_target=True,
+                      reduction="batchmean")  # fmt: skip
+        return logits, {"ce": F.cross_entropy(logits, labels), "kd": kd}
+
+
+def test_a_small_model_learns_a_separable_problem() -> None:
+    train, test = loaders()
+    model = small_resnet()
+    history = fit(model, train, test, epochs=5, lr=0.05, progress=False)
+
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5]
+    assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
+    assert history["train_acc"].iloc[-1] > history["train_acc"].iloc[0]
+    assert history["train_acc"].iloc[-1] >= 0.9
+    assert history["val_acc"].iloc[-1] >= 0.9
+    assert evaluate(model, test)["accuracy"] == pytest.approx(history["val_acc"].iloc[-1])
+    assert not model.training  # fit leaves the model in eval mode
+    expected = ["epoch", "train_ce", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    assert list(history.columns) == expected
+    assert type(history) is pd.DataFrame
+
+
+def test_history_logs_every_loss_term_and_their_sum() -> None:
+    train, _ = loaders()
+    method = KnowledgeDistillation(small_resnet(seed=1), small_resnet(seed=2))
+    history = fit(method, train, epochs=2, progress=False)
+
+    assert {"train_ce", "train_kd", "train_loss", "train_acc", "lr", "seconds"} <= set(history.columns)
+    assert "val_acc" not in history.columns  # no val_loader, no validation columns
+    assert (history["train_kd"] > 0).all()
+    assert history["train_loss"].to_numpy() == pytest.approx(
+        (history["train_ce"] + history["train_kd"]).to_numpy()
+    )
+    assert method.batches_started == [(epoch, batch) for epoch in range(2) for batch in range(len(train))]
+
+
+def test_the_frozen_teacher_stays_in_eval_mode_and_unchanged() -> None:
+    train, _ = loaders()
+    teacher = small_resnet(seed=2)
+    teacher_before = copy.deepcopy(teacher.state_dict())  # includes BatchNorm running statistics
+    method = KnowledgeDistillation(small_resnet(seed=1), teacher)
+    student_before = copy.deepcopy(method.student.state_dict())
+    fit(method, train, epochs=2, progress=False)
+
+    assert method.teacher_modes and not any(method.teacher_modes)
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[name]), name
+    assert any(
+        not torch.equal(value, student_before[name]) for name, value in method.student.state_dict().items()
+    )
+    assert all(parameter.grad is not None for parameter in method.student.parameters())
+
+
+def test_seeded_cpu_runs_are_bit_for_bit_reproducible() -> None:
+    def run(seed: int) -> dict[str, Tensor]:
+        train, _ = loaders()
+        model = small_resnet(seed)
+        fit(model, train, epochs=2, progress=False, device="cpu")
+        return model.state_dict()
+
+    first, second, other_seed = run(0), run(0), run(1)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert any(not torch.equal(first[name], other_seed[name]) for name in first)
+
+
+def test_a_keyboard_interrupt_returns_the_completed_epochs(capsys: pytest.CaptureFixture[str]) -> None:
+    train, test = loaders()
+    method = KnowledgeDistillation(small_resnet(seed=1), small_resnet(seed=2), interrupt_at_epoch=2)
+    history = fit(method, train, test, epochs=5, progress=False)
+
+    assert list(history["epoch"]) == [1, 2]
+    assert history[["train_ce", "train_kd", "val_acc"]].notna().all().all()
+    assert "interrupted during epoch 3/5" in capsys.readouterr().out
+    assert evaluate(method, test)["count"] == 64  # the model is still usable
+
+    method.interrupt_at_epoch = 0
+    empty = fit(method, train, epochs=5, progress=False)
+    assert len(empty) == 0 and {"epoch", "train_loss", "train_acc"} <= set(empty.columns)
+
+
+def test_the_learning_rate_follows_the_schedule() -> None:
+    assert lr_factor("constant", 3, 10) == 1.0
+    assert lr_factor("cosine", 0, 10) == 1.0
+    assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("cosine", 9, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    # RepDistiller's milestones, as epochs: epochs 1-150 (indices 0-149) at the full rate.
+    factors = [lr_factor("step", epoch, 240, milestones=[150, 180, 210]) for epoch in (149, 150, 180, 210)]
+    assert factors == pytest.approx([1.0, 0.1, 0.01, 0.001])
+    assert lr_factor("step", 150, 240) == pytest.approx(0.1)  # the default milestones are those, as fractions
+    assert lr_factor(lambda epoch, epochs: 1 / (epoch + 1), 3, 10) == 0.25
+    with pytest.raises(ValueError, match="Unknown schedule 'linear'"):
+        lr_factor("linear", 0, 10)
+
+    train, _ = loaders(batch_size=128)
+    history = fit(small_resnet(), train, epochs=4, lr=0.1, schedule="step", milestones=[0.5], progress=False)
+    assert history["lr"].to_numpy() == pytest.approx([0.1, 0.1, 0.01, 0.01])
+
+
+def test_fit_rejects_bad_settings_before_training() -> None:
+    train, _ = loaders()
+    with pytest.raises(ValueError, match="Unknown schedule"):
+        fit(small_resnet(), train, epochs=1, schedule="linear", progress=False)
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        fit(small_resnet(), train, epochs=0, progress=False)
+    with pytest.raises(ValueError, match="amp must be"):
+        fit(small_resnet(), train, epochs=1, amp="fp8", progress=False)
+
+    class NoLosses(Distiller):
+        def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            return self.student(images), {}
+
+    with pytest.raises(TypeError, match="at least one loss term"):
+        fit(NoLosses(small_resnet()), train, epochs=1, progress=False)
+
+
+def test_progress_bars_and_a_ready_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
+    train, test = loaders()
+    model = small_resnet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history = fit(model, train, test, epochs=2, optimizer=optimizer, schedule="constant", desc="toy run")
+    assert history["lr"].tolist() == [1e-3, 1e-3]
+    assert "toy run" in capsys.readouterr().err  # tqdm writes to stderr in a terminal
+
+
+def evaluation_pair() -> tuple[Distiller, TensorLoader]:
+    """A distiller whose student always answers class 0 and whose teacher always answers class 1."""
+
+    def constant(answer: int) -> nn.Module:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(IMAGE_SIZE * IMAGE_SIZE, 2))
+        nn.init.zeros_(model[1].weight)
+        with torch.no_grad():
+            model[1].bias.copy_(torch.tensor([2.0, 0.0] if answer == 0 else [0.0, 2.0]))
+        return model
+
+    dataset = toy_dataset(40, seed=3)
+    dataset.labels.fill_(1)
+    return CrossEntropy(constant(0), teacher=constant(1)), TensorLoader(dataset, 16, train=False)
+
+
+def test_evaluate_measures_the_student_of_a_distiller() -> None:
+    method, loader = evaluation_pair()
+    scores = evaluate(method, loader)
+    assert scores["accuracy"] == 0.0
+    assert scores["count"] == 40
+    assert scores["loss"] == pytest.approx(
+        F.cross_entropy(torch.tensor([[2.0, 0.0]]), torch.tensor([1])).item()
+    )
+    assert evaluate(method.teacher, loader)["accuracy"] == 1.0
+
+
+def test_predict_returns_cpu_logits_and_labels_in_order() -> None:
+    method, loader = evaluation_pair()
+    logits, labels = predict(method, loader)
+    assert logits.shape == (40, 2) and logits.dtype == torch.float32 and logits.device.type == "cpu"
+    assert torch.equal(labels, loader.dataset.labels)
+    assert (logits.argmax(1) == 0).all()  # the student's answers, not the teacher's
+
+
+def test_choose_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("kdbook_utils.train._mps_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu")
+    assert choose_device(None) == torch.device("cpu")
+    assert choose_device("CPU") == torch.device("cpu")
+    assert choose_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="CUDA was requested"):
+        choose_device("cuda")
+    with pytest.raises(RuntimeError, match="CUDA was requested"):
+        choose_device(torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match="MPS"):
+        choose_device("mps")
+    with pytest.raises(ValueError, match="Unknown device 'gpu0'"):
+        choose_device("gpu0")
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="needs glibc Linux"
+)
+def test_cpu_tuning_keeps_large_blocks_off_mmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDBOOK_CPU_TUNING", "0")
+    assert "off" in configure_cpu_performance()
+    monkeypatch.delenv("KDBOOK_CPU_TUNING")
+    report = configure_cpu_performance()  # fit does this on the CPU anyway; it is process-wide
+    assert "M_MMAP_THRESHOLD=32 MiB" in report and "refused" not in report
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")]  # fmt: skip
+
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    mmapped_before = libc.mallinfo2().hblks
+    block = libc.malloc(24 * 1024**2)  # far above glibc's default 128 KiB threshold
+    try:
+        assert libc.mallinfo2().hblks == mmapped_before  # served from the heap, not a fresh mmap
+    finally:
+        libc.free(block)
