@@ -1,0 +1,205 @@
+"""Small widget helpers for the lessons: a figure with controls, and a layer picker.
+
+:func:`interactive_figure` draws a figure for the default control values as an ordinary image output, so
+a rendered page (the book, GitHub, a notebook opened without a kernel) is never blank, and shows the
+controls above it; in a live kernel, changing a control redraws the figure in place. Leave the call as
+the cell's last line to show it (like any widget), or pass the result to ``display``.
+"""
+
+from __future__ import annotations
+
+import html
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
+from typing import Any, Union
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+from IPython.display import DisplayHandle, display
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import nn
+
+__all__ = ["InteractiveFigure", "interactive_figure", "layer_dropdown", "layer_options", "make_control"]
+
+PlotFunction = Callable[..., Union[Figure, Axes]]
+
+
+def make_control(name: str, spec: Any) -> widgets.ValueWidget:
+    """Turn a short control description into a widget (the abbreviations follow ``ipywidgets.interact``).
+
+    * a widget: used as it is;
+    * a list of values, or of ``(label, value)`` pairs: a dropdown starting at the first;
+    * ``(min, max)``, ``(min, max, step)`` or ``(min, max, step, value)`` numbers: a slider (integer
+      when all are integers) starting at ``value`` or the middle;
+    * ``True`` / ``False``: a checkbox.
+    """
+    style = {"description_width": "initial"}
+    if isinstance(spec, widgets.ValueWidget):
+        if not spec.description:
+            spec.description = name
+        return spec
+    if isinstance(spec, bool):
+        return widgets.Checkbox(value=spec, description=name, indent=False)
+    if (
+        isinstance(spec, tuple)
+        and 2 <= len(spec) <= 4
+        and all(isinstance(part, Real) and not isinstance(part, bool) for part in spec)
+    ):
+        low, high = spec[0], spec[1]
+        if high <= low:
+            raise ValueError(f"Control {name!r}: slider range ({low}, {high}) needs max > min.")
+        integer = all(isinstance(part, int) for part in spec)
+        step = spec[2] if len(spec) >= 3 else (1 if integer else (high - low) / 100)
+        if len(spec) == 4:
+            value = spec[3]
+        else:
+            value = low + round((high - low) / 2 / step) * step
+        slider = widgets.IntSlider if integer else widgets.FloatSlider
+        return slider(
+            value=value, min=low, max=high, step=step, description=name, continuous_update=False, style=style
+        )
+    if isinstance(spec, (list, tuple)) and len(spec) > 0:
+        return widgets.Dropdown(options=list(spec), description=name, style=style)
+    raise TypeError(
+        f"Control {name!r}: cannot make a widget from {spec!r}. Give a widget, a non-empty list of options, "
+        "a (min, max[, step[, value]]) tuple of numbers, or True/False."
+    )
+
+
+class InteractiveFigure(widgets.VBox):
+    """Controls that redraw a Matplotlib figure: ``plot_fn(**{name: control.value})``.
+
+    ``controls`` maps each keyword of ``plot_fn`` to its widget; ``figure`` is the latest figure and
+    ``draws`` counts redraws. An error while redrawing is shown under the controls (the previous figure
+    stays), because errors raised inside widget callbacks never reach the notebook otherwise.
+    """
+
+    def __init__(self, plot_fn: PlotFunction, controls: Mapping[str, widgets.ValueWidget]) -> None:
+        if not controls:
+            raise ValueError(
+                "interactive_figure needs at least one control, e.g. layer=['stage1', 'stage2']."
+            )
+        self.plot_fn = plot_fn
+        self.controls: dict[str, widgets.ValueWidget] = dict(controls)
+        self.message = widgets.HTML()
+        super().__init__([widgets.HBox(list(self.controls.values())), self.message])
+        self.figure: Figure | None = None
+        self.draws = 0
+        self.error: str | None = None
+        self._handle: DisplayHandle | None = None
+        self.redraw()  # the default figure: must work, so errors here are raised, not shown
+        if self.error is not None:
+            raise RuntimeError(f"plot function failed for the default values {self.values}:\n{self.error}")
+        for control in self.controls.values():
+            control.observe(self._on_change, names="value")
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """The current keyword arguments of the plot function."""
+        return {name: control.value for name, control in self.controls.items()}
+
+    def redraw(self) -> Figure | None:
+        """Draw the figure for the current values; update the displayed image if there is one."""
+        self.message.value = "<i>drawing…</i>"
+        try:
+            result = self.plot_fn(**self.values)
+        except Exception:  # noqa: BLE001 (shown to the student: a callback's exception would vanish into the log)
+            self.error = traceback.format_exc(limit=-3)
+            self.message.value = (
+                '<pre style="color:#cf222e;white-space:pre-wrap">'
+                f"Could not draw for {html.escape(str(self.values))}:\n{html.escape(self.error)}</pre>"
+            )
+            return None
+        figure = result.figure if isinstance(result, Axes) else result
+        if not isinstance(figure, Figure):
+            problem = f"The plot function must return a Matplotlib Figure (or Axes), got {type(result)}."
+            if self.figure is None:  # the default draw: a programming error, raise it
+                raise TypeError(problem)
+            self.error = problem
+            self.message.value = f'<pre style="color:#cf222e">{html.escape(problem)}</pre>'
+            return None
+        if self.figure is not None and self.figure is not figure:
+            plt.close(self.figure)
+        self.figure, self.error = figure, None
+        self.draws += 1
+        self.message.value = ""
+        plt.close(figure)  # we display it ourselves; stops the inline backend showing it a second time
+        if self._handle is not None:
+            self._handle.update(figure)
+        return figure
+
+    def _on_change(self, change: dict[str, Any]) -> None:
+        self.redraw()
+
+    def _ipython_display_(self) -> None:
+        """Show the controls, then the current figure as an ordinary image that redraws update in place."""
+        display(self._repr_mimebundle_(), raw=True)
+        self._handle = display(self.figure, display_id=True)
+
+
+def interactive_figure(plot_fn: PlotFunction, **controls: Any) -> InteractiveFigure:
+    """A figure with controls: ``interactive_figure(plot_fn, layer=["stage1", "stage2"], T=(1, 20, 1, 4))``.
+
+    Each keyword names an argument of ``plot_fn`` and describes its control (see :func:`make_control`).
+    The figure for the default values is drawn at once; leave the call as the cell's last line (or
+    ``display`` the result) to show the controls and the figure.
+    """
+    built = {name: make_control(name, spec) for name, spec in controls.items()}
+    return InteractiveFigure(plot_fn, built)
+
+
+def _shape_text(shape: Any) -> str:
+    """A per-image shape ``(32, 16, 16)`` -> ``"32x16x16"``; a tuple of shapes joined with commas."""
+    if shape is None:
+        return "not run"
+    if isinstance(shape, str):
+        return shape
+    if any(isinstance(part, (tuple, list)) for part in shape):
+        return ", ".join(_shape_text(part) for part in shape)
+    return "x".join(str(int(size)) for size in shape)
+
+
+def layer_options(
+    model: nn.Module, input_shape: Sequence[int], feature_points_only: bool = True
+) -> list[tuple[str, str]]:
+    """``[("stage2 (32x16x16)", "stage2"), ...]``: the model's layers labelled with their output shapes."""
+    from kdbook_utils.features import layer_table
+
+    table = layer_table(model, input_shape)
+    if feature_points_only:
+        table = table[table["feature_point"].astype(bool)]
+    if table.empty:
+        raise ValueError(
+            f"{type(model).__name__} has no {'feature points' if feature_points_only else 'layers'} to choose "
+            "from; pass feature_points_only=False to list every layer."
+        )
+    return [
+        (f"{row.layer} ({_shape_text(row.output_shape)})", str(row.layer))
+        for row in table.itertuples(index=False)
+    ]
+
+
+def layer_dropdown(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    feature_points_only: bool = True,
+    *,
+    value: str | None = None,
+    description: str = "layer",
+) -> widgets.Dropdown:
+    """A dropdown of the model's feature points labelled with shapes, e.g. "stage2 (32x16x16)".
+
+    Its ``value`` is the layer name to hand to :class:`kdbook_utils.features.FeatureExtractor`.
+    """
+    options = layer_options(model, input_shape, feature_points_only)
+    names = [name for _, name in options]
+    if value is not None and value not in names:
+        raise ValueError(f"Layer {value!r} is not one of the choices: {', '.join(names)}.")
+    return widgets.Dropdown(
+        options=options,
+        value=value if value is not None else names[0],
+        description=description,
+        style={"description_width": "initial"},
+    )

@@ -1,0 +1,143 @@
+"""Execute the course notebooks top to bottom, each in a fresh kernel running *this* Python.
+
+    python scripts/execute_notebooks.py                      # every notebooks/*.ipynb, preset quick
+    python scripts/execute_notebooks.py notebooks/01_hinton_kd.ipynb --out kdbook/lessons --preset lab
+
+The kernel is this interpreter (the project's .venv when run by scripts/book.sh), whatever kernels
+Jupyter has registered elsewhere: a private kernel spec is written to a temporary folder placed first on
+JUPYTER_PATH. Each notebook runs in its own folder (``notebooks/``) with ``KDBOOK_PRESET`` set. A failing
+cell stops that notebook; the cell's source and traceback are printed, the other notebooks still run,
+and the exit status is 1. Executed copies (outputs and widget state included) go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+KERNEL_NAME = "kdbook-executor"
+DEFAULT_TIMEOUT_S = 900
+
+
+@contextmanager
+def kernel_for_this_python(preset: str) -> Iterator[str]:
+    """A kernel spec that starts ``sys.executable`` with ``KDBOOK_PRESET=preset``; yields its name."""
+    with tempfile.TemporaryDirectory(prefix="kdbook-kernel-") as folder:
+        spec_dir = Path(folder, "kernels", KERNEL_NAME)
+        spec_dir.mkdir(parents=True)
+        spec = {
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"kdbook ({sys.executable})",
+            "language": "python",
+            "env": {"KDBOOK_PRESET": preset, "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+        }
+        (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+        previous = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [folder, previous]))
+        try:
+            yield KERNEL_NAME
+        finally:
+            if previous is None:
+                os.environ.pop("JUPYTER_PATH", None)
+            else:
+                os.environ["JUPYTER_PATH"] = previous
+
+
+def execute_notebook(
+    path: Path, *, kernel_name: str, timeout: int = DEFAULT_TIMEOUT_S, cwd: Path | None = None
+) -> nbformat.NotebookNode:
+    """Run every cell of ``path`` in order and return the executed notebook (raises on a failing cell)."""
+    notebook = nbformat.read(path, as_version=4)
+    original_kernelspec = notebook.metadata.get("kernelspec")
+    client = NotebookClient(
+        notebook,
+        kernel_name=kernel_name,
+        timeout=timeout,
+        resources={"metadata": {"path": str(cwd or path.parent)}},
+        store_widget_state=True,
+    )
+    client.execute()
+    # Keep the notebook's own kernel name (python3) rather than our temporary one.
+    notebook.metadata["kernelspec"] = original_kernelspec or {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    return notebook
+
+
+def run_all(paths: Sequence[Path], *, out_dir: Path | None, preset: str, timeout: int) -> int:
+    """Execute ``paths`` one by one, print a time per notebook, write executed copies; 0 when all pass."""
+    failures: list[str] = []
+    timings: list[tuple[str, float, str]] = []
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with kernel_for_this_python(preset) as kernel_name:
+        for path in paths:
+            print(f"▶ {path.name} (preset {preset}) ...", flush=True)
+            start = time.perf_counter()
+            status = "ok"
+            try:
+                executed = execute_notebook(path, kernel_name=kernel_name, timeout=timeout)
+            except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
+                status = "FAILED"
+                failures.append(path.name)
+                print(f"\n✗ {path.name} failed:\n{error}\n", file=sys.stderr, flush=True)
+                if out_dir is not None:
+                    (out_dir / path.name).unlink(missing_ok=True)  # never publish a stale copy
+            else:
+                if out_dir is not None:
+                    nbformat.write(executed, out_dir / path.name)
+            seconds = time.perf_counter() - start
+            timings.append((path.name, seconds, status))
+            print(f"  {status} in {seconds:.0f} s", flush=True)
+    width = max(len(name) for name, _, _ in timings) if timings else 10
+    print("\nnotebook".ljust(width + 1), "seconds  status")
+    for name, seconds, status in timings:
+        print(name.ljust(width), f"{seconds:7.0f}  {status}")
+    print("total".ljust(width), f"{sum(s for _, s, _ in timings):7.0f}")
+    if failures:
+        print(f"\n{len(failures)} notebook(s) failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "notebooks", nargs="*", type=Path, help="notebooks to run (default: notebooks/*.ipynb)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="folder for the executed copies")
+    parser.add_argument(
+        "--preset", default=os.environ.get("KDBOOK_PRESET", "quick"), help="KDBOOK_PRESET value"
+    )
+    parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S, help="seconds allowed per cell")
+    args = parser.parse_args(argv)
+    paths = [path.resolve() for path in args.notebooks] or sorted(NOTEBOOKS.glob("*.ipynb"))
+    if not paths:
+        print(f"No notebooks found in {NOTEBOOKS}.", file=sys.stderr)
+        return 1
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        print(f"Not found: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return run_all(paths, out_dir=args.out, preset=args.preset, timeout=args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

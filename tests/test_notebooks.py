@@ -1,0 +1,115 @@
+"""Every notebook: committed clean (no outputs), with a Colab guard and a `parameters` cell, and executed
+top to bottom with the quick preset in a fresh kernel (tests marked `notebook`; a failing cell fails the
+test with that cell's error)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+NOTEBOOK_TIMEOUT_S = 900  # the whole notebook; the quick preset aims at 2-3 minutes on 2 cores
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+COLAB_GUARD = 'if "google.colab" in sys.modules:'
+
+
+def load_executor() -> ModuleType:
+    path = REPO / "scripts" / "execute_notebooks.py"
+    spec = importlib.util.spec_from_file_location("execute_notebooks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ids(paths: list[Path]) -> list[str]:
+    return [path.stem for path in paths]
+
+
+def is_progress_bar(model_id: str, state: dict) -> bool:
+    """Whether a displayed widget is (or contains) a progress bar, e.g. tqdm's: no figure expected."""
+    model = state.get(model_id, {})
+    if model.get("model_name") in ("FloatProgressModel", "IntProgressModel"):
+        return True
+    children = model.get("state", {}).get("children", [])
+    return any(is_progress_bar(child.removeprefix("IPY_MODEL_"), state) for child in children)
+
+
+def code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+# ------------------------------------------------------------------------------------- committed state
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_notebook_is_committed_without_outputs(path: Path) -> None:
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    dirty = [index for index, cell in enumerate(code_cells(notebook)) if cell.outputs or cell.execution_count]
+    assert not dirty, f"code cells {dirty} have outputs or execution counts: strip them before committing"
+    assert "widgets" not in notebook.metadata, "saved widget state: strip it before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_notebook_starts_with_the_colab_guard_and_has_a_parameters_cell(path: Path) -> None:
+    cells = code_cells(nbformat.read(path, as_version=4))
+    assert cells, "a notebook without code"
+    guard = cells[0].source
+    assert COLAB_GUARD in guard and "%pip install" in guard, "the first code cell must be the Colab guard"
+    tagged = [cell for cell in cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"expected one cell tagged 'parameters', found {len(tagged)}"
+    assert "PRESET = get_preset()" in tagged[0].source
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+@pytest.fixture(scope="module")
+def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A kernel running this Python with the quick preset and a fresh cache shared by the notebooks
+    of this run (the teacher that 00 trains is reused by the lessons, as in a student's session)."""
+    executor = load_executor()
+    cache = tmp_path_factory.mktemp("kdbook-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KDBOOK_CACHE", str(cache))
+    patch.setenv("KDBOOK_PRESET", "quick")
+    try:
+        with executor.kernel_for_this_python("quick") as name:
+            yield name
+    finally:
+        patch.undo()
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT_S)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_notebook_runs_top_to_bottom(path: Path, kernel_name: str) -> None:
+    executor = load_executor()
+    executed = executor.execute_notebook(
+        path, kernel_name=kernel_name, timeout=NOTEBOOK_TIMEOUT_S, cwd=path.parent
+    )
+    cells = code_cells(executed)
+    errors = [output for cell in cells for output in cell.outputs if output.output_type == "error"]
+    assert not errors, f"error outputs: {[e.ename for e in errors]}"
+    state = executed.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    for index, cell in enumerate(cells):
+        kinds = {key for output in cell.outputs for key in output.get("data", {})}
+        views = [
+            output.data[WIDGET_VIEW]["model_id"]
+            for output in cell.outputs
+            if WIDGET_VIEW in output.get("data", {})
+        ]
+        if any(not is_progress_bar(model_id, state) for model_id in views):
+            assert kinds & {"image/png", "image/svg+xml", "text/html"}, (
+                f"code cell {index} shows a widget but no static figure or table: the rendered book would "
+                "be blank there (draw the default figure too, e.g. with kdbook_utils.widgets.interactive_figure)"
+            )
+    assert executed.metadata["kernelspec"]["name"] != kernel_name, "keeps the notebook's own kernel name"
