@@ -71,6 +71,12 @@ def create_model(name: str, num_classes: int, **options: object) -> nn.Module:
 ZOO_MODULES: tuple[str, ...] = (
     "kdbook_utils.models.resnet",
     "kdbook_utils.models.vgg",
+    "kdbook_utils.models.small_cnn",
+    "kdbook_utils.models.torchvision_zoo",
+    "kdbook_utils.models.resnetv2",
+    "kdbook_utils.models.wrn",
+    "kdbook_utils.models.alexnet_lsl",
+    "kdbook_utils.models.crosslayer_nets",
 )
 
 
