@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from kdbook_utils.models import ZooModel, register_model
-from kdbook_utils.models.resnet import ResNetConfig, build_resnet
+from kdbook_utils.models.resnet import ResNetConfig, build_resnet, init_resnet_weights
 from kdbook_utils.models.vgg import VGG_CONFIGS, build_vgg
 
 
@@ -117,12 +117,7 @@ def build_mobilenet(
     layers["pool"] = nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
     layers["classifier"] = nn.Linear(channels, num_classes)
     model = ZooModel(layers, feature_points=MOBILENET_FEATURE_POINTS[: len(stages) + 1])
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    init_resnet_weights(model)  # the same He-normal conv / unit-BN initialisation as the CIFAR ResNets
     return model
 
 

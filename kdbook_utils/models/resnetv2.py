@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from kdbook_utils.models import ZooModel, register_model
+from kdbook_utils.models.resnet import init_resnet_weights
 
 STAGE_STRIDES: tuple[int, ...] = (1, 2, 2, 2)
 
@@ -126,18 +127,8 @@ def build_resnetv2(
     stages["pool"] = nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
     stages["classifier"] = nn.Linear(channels, num_classes)
     model = ZooModel(stages, feature_points=("stem", "stage1", "stage2", "stage3", "stage4"))
-    _initialise(model)
+    init_resnet_weights(model)
     return model
-
-
-def _initialise(model: nn.Module) -> None:
-    """He-normal convolutions, unit BN scales (the torchvision / RepDistiller initialisation)."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
 
 @register_model("resnet10_cifar")
