@@ -18,10 +18,8 @@ import hashlib
 import os
 import pickle
 import tempfile
-import time
 import urllib.error
 import urllib.parse
-import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +37,6 @@ __all__ = [
     "load_checkpoint",
     "load_or_train",
     "save_checkpoint",
-    "train_teacher",
 ]
 
 CACHE_ENV_VAR = "KDBOOK_CACHE"
@@ -240,82 +237,6 @@ def load_or_train(
         raise TypeError(f"train_fn must return a pandas DataFrame or None, got {type(history).__name__}.")
     save_checkpoint(model, path, **metadata, history=history)
     return model, history, False
-
-
-# --------------------------------------------------------------------------------------------------------
-# Teachers for the notebooks
-# --------------------------------------------------------------------------------------------------------
-
-
-def train_teacher(
-    arch: str,
-    preset: Any,
-    seed: int = 0,
-    *,
-    train_data: Any = None,
-    test_data: Any = None,
-    device: str | torch.device | None = None,
-    epochs: int | None = None,
-    progress: bool = True,
-) -> tuple[nn.Module, pd.DataFrame | None]:
-    """The teacher ``arch`` trained on ``preset``'s data: loaded from the cache, or trained and cached.
-
-    Builds ``create_model(arch, num_classes)``, trains it with :func:`kdbook_utils.train.fit` for the
-    preset's ``teacher_epochs`` (or ``epochs``) on its training set, validating on its test set, and saves
-    it under :func:`checkpoint_path` (arch, dataset, preset, seed; plus a tag such as ``30ep`` when
-    ``epochs`` differs from the preset's). Prints one line saying whether it loaded or trained and where
-    the file is. ``train_data`` / ``test_data`` (``ImageDataset``) save loading the preset's data again.
-    Returns ``(model in eval mode on the device, history)``.
-    """
-    from kdbook_utils.data import TensorLoader, preset_data
-    from kdbook_utils.models import create_model
-    from kdbook_utils.presets import get_preset
-    from kdbook_utils.train import choose_device, fit, seed_everything
-
-    if isinstance(preset, str):
-        preset = get_preset(preset)
-    if train_data is None or test_data is None:
-        default_train, default_test = preset_data(preset)
-        train_data = default_train if train_data is None else train_data
-        test_data = default_test if test_data is None else test_data
-    epochs = preset.teacher_epochs if epochs is None else epochs
-    device = choose_device(preset.device if device is None else device)
-
-    seed_everything(seed)
-    model = create_model(arch, train_data.num_classes, in_channels=int(train_data.images.shape[1]))
-    train_loader = TensorLoader(train_data, preset.batch_size, train=True, device=device, seed=seed)
-    test_loader = TensorLoader(test_data, 256, train=False, device=device)
-    tag = "" if epochs == preset.teacher_epochs else f"{epochs}ep"
-    path = checkpoint_path(arch, preset.dataset, preset.name, seed, tag)
-    recipe = {
-        "arch": arch, "dataset": preset.dataset, "preset": preset.name, "seed": seed, "epochs": epochs,
-        "lr": preset.lr, "batch_size": preset.batch_size, "train_data": str(train_loader.fingerprint),
-    }  # fmt: skip
-
-    def train(model: nn.Module) -> pd.DataFrame:
-        return fit(model, train_loader, test_loader, epochs=epochs, lr=preset.lr, device=device,
-                   progress=progress, desc=f"teacher {arch}")  # fmt: skip
-
-    started = time.perf_counter()
-    model, history, loaded = load_or_train(model, path, train, recipe=recipe)
-    model.to(device).eval()
-    if loaded:
-        stored = read_checkpoint(path)["metadata"].get("recipe", {})
-        different = {
-            key: (stored.get(key), value) for key, value in recipe.items() if stored.get(key) != value
-        }
-        if different:
-            warnings.warn(
-                f"The cached teacher {path.name} was trained with different settings (cached, now): "
-                f"{different}. Delete the file to retrain with the current ones.",
-                stacklevel=2,
-            )
-        print(f"Loaded teacher {arch} ({preset.dataset}, preset {preset.name}, seed {seed}) from {path}")
-    else:
-        seconds = time.perf_counter() - started
-        print(f"Trained teacher {arch} ({preset.dataset}, preset {preset.name}, seed {seed}) for {epochs} "
-              f"epochs in {seconds:.0f} s; saved to {path}")  # fmt: skip
-    return model, history
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from kdbook_utils.checkpoints import (
     load_checkpoint,
     load_or_train,
     save_checkpoint,
-    train_teacher,
 )
 from kdbook_utils.data import load_dataset
 from kdbook_utils.models import create_model
@@ -191,34 +190,6 @@ def test_load_or_train_trains_once_then_loads(tmp_path: Path) -> None:
     assert_same_state(model, again)
     pd.testing.assert_frame_equal(second_history, history)
     assert load_checkpoint(trained_looking(), path)["preset"] == "quick"
-
-
-def test_train_teacher_trains_then_loads_from_the_cache(capsys: pytest.CaptureFixture[str]) -> None:
-    preset = get_preset("quick").replace(batch_size=64)
-    train_data = load_dataset("digits", "train", subset=128, seed=0)
-    test_data = load_dataset("digits", "test", subset=64, seed=0)
-    arguments = {
-        "train_data": train_data,
-        "test_data": test_data,
-        "device": "cpu",
-        "epochs": 1,
-        "progress": False,
-    }
-
-    teacher, history = train_teacher("resnet8", preset, seed=0, **arguments)
-    first_line = capsys.readouterr().out
-    expected_path = cache_dir() / "checkpoints" / "resnet8_digits_quick_seed0_1ep.pt"
-    assert first_line.startswith("Trained teacher resnet8") and str(expected_path) in first_line
-    assert expected_path.is_file() and len(history) == 1 and not teacher.training
-
-    cached, cached_history = train_teacher("resnet8", preset, seed=0, **arguments)
-    assert capsys.readouterr().out.startswith("Loaded teacher resnet8")
-    assert_same_state(teacher, cached)
-    pd.testing.assert_frame_equal(cached_history, history)
-
-    other_data = {**arguments, "train_data": load_dataset("digits", "train", subset=96, seed=0)}
-    with pytest.warns(UserWarning, match="trained with different settings.*train_data"):
-        train_teacher("resnet8", preset, seed=0, **other_data)
 
 
 def test_download_checks_the_hash_and_reuses_a_verified_file(tmp_path: Path) -> None:
