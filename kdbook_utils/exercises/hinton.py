@@ -1,7 +1,8 @@
 """Exercises of lesson 1 (Hinton KD): write the KD loss; predict, then measure, a very high temperature.
 
-Each check prints ``Correct.`` or ``Not yet.`` with what is wrong and a hint, returns whether the answer is
-right, and never raises: a notebook whose exercise is not done yet still runs top to bottom.
+Each check returns a :class:`~kdbook_utils.exercises.result.CheckResult` ("Correct.", "Not yet." with what
+is wrong and a hint, or "Not done yet.") and never raises: a notebook whose exercises are not done yet
+still runs top to bottom.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from kdbook_utils.exercises.result import CheckResult, Exercise, never_raises
 from kdbook_utils.methods.hinton import kd_loss
 
-__all__ = ["check_high_temperature_prediction", "check_kd_loss"]
+__all__ = ["HIGH_TEMPERATURE", "KD_LOSS", "check_high_temperature_prediction", "check_kd_loss"]
 
 KDLossFunction = Callable[[Tensor, Tensor, float], Tensor]
 
-
-def _report(correct: bool, message: str) -> bool:
-    print(("Correct. " if correct else "Not yet. ") + message)
-    return correct
+KD_LOSS = Exercise("hinton-kd-loss", "Lesson 1, exercise 1: the KD loss")
+HIGH_TEMPERATURE = Exercise("hinton-high-temperature", "Lesson 1, exercise 2: a very high temperature")
 
 
 def _close(value: float, reference: float, tolerance: float = 1e-4) -> bool:
@@ -62,10 +62,12 @@ def _common_mistakes(
     ]  # fmt: skip
 
 
-def check_kd_loss(candidate: KDLossFunction) -> bool:
+@never_raises(KD_LOSS)
+def check_kd_loss(candidate: KDLossFunction) -> CheckResult:
     """Test a student's ``kd_loss(student_logits, teacher_logits, temperature)`` against the reference.
 
-    Prints ``Correct.`` or what is wrong, with a hint; returns whether it is correct.
+    Value and gradient are compared on four batches and temperatures; a wrong value that matches one of
+    the common mistakes gets that mistake's hint.
     """
     generator = torch.Generator().manual_seed(0)
     cases = [(8, 10, 4.0), (5, 10, 1.0), (16, 100, 2.0), (4, 3, 8.0)]
@@ -73,79 +75,75 @@ def check_kd_loss(candidate: KDLossFunction) -> bool:
         student = torch.randn(batch, classes, generator=generator) * 3
         teacher = torch.randn(batch, classes, generator=generator) * 3
         student_input = student.clone().requires_grad_(True)
-        try:
-            value = candidate(student_input, teacher.clone(), temperature)
-        except NotImplementedError:
-            return _report(False, "The function is not written yet (it raises NotImplementedError).")
-        except Exception as error:  # noqa: BLE001 (the student's code: report whatever it raises)
-            return _report(False, f"Calling it raised {type(error).__name__}: {error}")
-        if value is None:
-            return _report(False, "Your function returns None: finish it and `return` the loss.")
+        value, failed = KD_LOSS.call(candidate, student_input, teacher.clone(), temperature)
+        if failed is not None:
+            return failed
         if not isinstance(value, Tensor):
-            return _report(False, f"Return a torch tensor (a scalar), not a {type(value).__name__}.")
+            return KD_LOSS.incorrect(f"Return a torch tensor (a scalar), not a {type(value).__name__}.")
         if value.numel() != 1:
-            return _report(
-                False,
+            return KD_LOSS.incorrect(
                 f"The loss must be one number (a scalar tensor) for the whole batch, got shape "
-                f"{tuple(value.shape)}: sum over classes, then average over the batch.",
+                f"{tuple(value.shape)}: sum over classes, then average over the batch."
             )
         reference = kd_loss(student, teacher, temperature).item()
-        got = value.item()
+        got = float(value.detach().float().reshape(()))
         if not _close(got, reference):
             for hint, mistake in _common_mistakes(student, teacher, temperature):
                 with torch.no_grad():
                     if _close(got, mistake().item()):
-                        return _report(False, f"{hint} (batch {batch}, {classes} classes, T = {temperature:g}: "
-                                              f"got {got:.5f}, expected {reference:.5f}.)")  # fmt: skip
-            return _report(
-                False,
+                        return KD_LOSS.incorrect(f"{hint} (batch {batch}, {classes} classes, T = {temperature:g}: "
+                                                 f"got {got:.5f}, expected {reference:.5f}.)")  # fmt: skip
+            return KD_LOSS.incorrect(
                 f"For a batch of {batch}, {classes} classes and T = {temperature:g} your loss is {got:.5f}, "
                 f"the reference {reference:.5f}. Check the formula T^2 / B * sum_b sum_c p (log p - log q), "
-                "p = softmax(teacher / T), q = softmax(student / T).",
+                "p = softmax(teacher / T), q = softmax(student / T)."
             )
+        no_gradient = KD_LOSS.incorrect(
+            "The value is right but no gradient reaches the student's logits: avoid .item(), .detach(), "
+            "numpy or torch.no_grad() inside the loss."
+        )
         if not value.requires_grad:
-            return _report(
-                False,
-                "The value is right but no gradient reaches the student's logits: avoid .item(), .detach(), "
-                "numpy or torch.no_grad() inside the loss.",
-            )
-        (gradient,) = torch.autograd.grad(value, student_input)
+            return no_gradient
+        try:
+            (gradient,) = torch.autograd.grad(value.reshape(()), student_input)
+        except RuntimeError:  # the value does not depend on the student's logits
+            return no_gradient
         expected = (
             temperature * (F.softmax(student / temperature, 1) - F.softmax(teacher / temperature, 1)) / batch
         )
         if not torch.allclose(gradient, expected, rtol=1e-3, atol=1e-6):
-            return _report(
-                False, "The value is right but its gradient is not: is part of it computed without autograd?"
+            return KD_LOSS.incorrect(
+                "The value is right but its gradient is not: is part of it computed without autograd?"
             )
-    return _report(True, "Your kd_loss matches the reference on every test batch, value and gradient.")
+    return KD_LOSS.correct("Your kd_loss matches the reference on every test batch, value and gradient.")
 
 
 SOFT_TARGET_CHOICES = ("one-hot", "uniform", "unchanged")
 KD_LOSS_CHOICES = ("grows without bound", "goes to zero", "levels off")
 
 
-def check_high_temperature_prediction(soft_targets_become: str, kd_loss_becomes: str) -> bool:
+@never_raises(HIGH_TEMPERATURE)
+def check_high_temperature_prediction(soft_targets_become: str, kd_loss_becomes: str) -> CheckResult:
     """Check a prediction of what a very high temperature does (before measuring it).
 
     ``soft_targets_become``: one of ``"one-hot"``, ``"uniform"``, ``"unchanged"``;
     ``kd_loss_becomes`` (the loss *with* its T^2 factor): ``"grows without bound"``, ``"goes to zero"``,
-    ``"levels off"``.
+    ``"levels off"``. Case and surrounding spaces do not matter.
     """
     answers = {
         "soft targets": (soft_targets_become, SOFT_TARGET_CHOICES),
         "kd_loss": (kd_loss_becomes, KD_LOSS_CHOICES),
     }
     for name, (answer, choices) in answers.items():
-        if answer is None or answer is ...:
-            return _report(
-                False, f"Fill in your prediction for the {name}: one of {', '.join(map(repr, choices))}."
+        if answer is None or answer is ... or str(answer).strip() == "":
+            return HIGH_TEMPERATURE.not_done(
+                f"Fill in your prediction for the {name}: one of {', '.join(map(repr, choices))}."
             )
         if str(answer).strip().lower() not in choices:
-            return _report(
-                False,
-                f"{answer!r} is not one of the choices for the {name}: {', '.join(map(repr, choices))}.",
+            return HIGH_TEMPERATURE.incorrect(
+                f"{answer!r} is not one of the choices for the {name}: {', '.join(map(repr, choices))}."
             )
-    soft, loss = soft_targets_become.strip().lower(), kd_loss_becomes.strip().lower()
+    soft, loss = str(soft_targets_become).strip().lower(), str(kd_loss_becomes).strip().lower()
     feedback = []
     if soft != "uniform":
         feedback.append(
@@ -163,9 +161,8 @@ def check_high_temperature_prediction(soft_targets_become: str, kd_loss_becomes:
             "logits||^2: at high temperature KD becomes logit matching (Hinton et al. section 2.1)."
         )
     if feedback:
-        return _report(False, " ".join(feedback) + " Now run the next cell to measure it.")
-    return _report(
-        True,
+        return HIGH_TEMPERATURE.incorrect(" ".join(feedback) + " Now run the next cell to measure it.")
+    return HIGH_TEMPERATURE.correct(
         "The soft targets flatten to uniform, and KL x T^2 levels off at the logit-matching value "
-        "(1/2C) ||(z - mean z) - (v - mean v)||^2 (Hinton et al. section 2.1). Run the next cell to measure it.",
+        "(1/2C) ||(z - mean z) - (v - mean v)||^2 (Hinton et al. section 2.1). Run the next cell to measure it."
     )

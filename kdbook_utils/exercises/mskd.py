@@ -1,9 +1,11 @@
 """Checks for lesson 4's exercises (multi-exit students, MSKD).
 
 1. :func:`check_exit_loss`: write one exit's loss ``alpha * CE + beta * T^2 * KL(teacher || exit)``.
-2. :func:`check_threshold_for_budget`: pick an early-exit confidence threshold that meets a FLOPs budget.
+2. :func:`check_threshold_for_budget`: pick an early-exit confidence threshold that meets a MACs budget.
 
-Each check prints what it found and returns True when the answer is right; a wrong answer gets a hint.
+Each check returns a :class:`~kdbook_utils.exercises.result.CheckResult` ("Correct.", "Not yet." with what
+is wrong and a hint, or "Not done yet.") and never raises: a notebook whose exercises are not done yet
+still runs top to bottom.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from kdbook_utils.exercises.result import CheckResult, Exercise, never_raises
 from kdbook_utils.methods.mskd import early_exit, exit_loss, threshold_sweep
 
+__all__ = ["EXIT_LOSS", "THRESHOLD_FOR_BUDGET", "check_exit_loss", "check_threshold_for_budget"]
+
 ExitLossFunction = Callable[[Tensor, Tensor, Tensor, float, float, float], Tensor]
+
+EXIT_LOSS = Exercise("mskd-exit-loss", "Lesson 4, exercise 1: the per-exit loss")
+THRESHOLD_FOR_BUDGET = Exercise("mskd-threshold-for-budget", "Lesson 4, exercise 2: a threshold for a budget")
 
 
 def _common_mistakes(
@@ -44,11 +52,13 @@ def _common_mistakes(
     }
 
 
-def check_exit_loss(candidate: ExitLossFunction, seed: int = 0) -> bool:
+@never_raises(EXIT_LOSS)
+def check_exit_loss(candidate: ExitLossFunction, seed: int = 0) -> CheckResult:
     """Compare ``candidate(exit_logits, labels, teacher_logits, temperature, alpha, beta)`` with the reference.
 
     The reference is ``alpha * CE(y, z_k) + beta * T^2 * KL(softmax(z_T / T) || softmax(z_k / T))`` with the
-    KL summed over classes and averaged over the batch. Several random batches and settings are tried.
+    KL summed over classes and averaged over the batch. Several random batches and settings are tried; the
+    loss must also pass a gradient to the exit's logits.
     """
     generator = torch.Generator().manual_seed(seed)
     settings = [(3.0, 1.0, 1.0), (4.0, 0.3, 0.7), (1.0, 1.0, 2.0), (2.5, 0.0, 1.0)]
@@ -57,70 +67,95 @@ def check_exit_loss(candidate: ExitLossFunction, seed: int = 0) -> bool:
         logits = torch.randn(batch, classes, generator=generator) * 2
         teacher = torch.randn(batch, classes, generator=generator) * 3
         labels = torch.randint(0, classes, (batch,), generator=generator)
-        try:
-            value = candidate(logits.clone(), labels.clone(), teacher.clone(), temperature, alpha, beta)
-        except Exception as error:  # noqa: BLE001 (report any failure of the student's code plainly)
-            print(f"Your function raised {type(error).__name__}: {error}")
-            return False
+        logits_input = logits.clone().requires_grad_(True)
+        value, failed = EXIT_LOSS.call(
+            candidate, logits_input, labels.clone(), teacher.clone(), temperature, alpha, beta
+        )
+        if failed is not None:
+            return failed
         if not isinstance(value, Tensor) or value.numel() != 1:
-            print(f"Return one scalar tensor (the loss of this exit), got {type(value).__name__} {value!r}.")
-            return False
+            shape = f" of shape {tuple(value.shape)}" if isinstance(value, Tensor) else ""
+            return EXIT_LOSS.incorrect(
+                f"Return one scalar tensor (the loss of this exit), got {type(value).__name__}{shape}."
+            )
         ce, kd = exit_loss(logits, labels, teacher, temperature, alpha, beta)
-        expected = ce + kd
-        if not torch.allclose(value.detach().float().reshape(()), expected, rtol=1e-4, atol=1e-5):
-            print(
-                f"Not yet: with T={temperature}, alpha={alpha}, beta={beta} you return {value.item():.5f}, "
-                f"the reference gives {expected.item():.5f}."
+        expected = (ce + kd).double()
+        got = value.detach().double().reshape(())
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            feedback = (
+                f"With T={temperature}, alpha={alpha}, beta={beta} you return {got.item():.5f}, the reference "
+                f"gives {expected.item():.5f}."
             )
             for slip, wrong in _common_mistakes(logits, labels, teacher, temperature, alpha, beta).items():
-                if torch.allclose(value.detach().float().reshape(()), wrong, rtol=1e-4, atol=1e-5):
-                    print(f"Hint: {slip}.")
+                if torch.allclose(got, wrong.double(), rtol=1e-4, atol=1e-5):
+                    feedback += f" Hint: {slip}."
                     break
-            return False
-    print("Correct: your per-exit loss matches alpha * CE + beta * T^2 * KL(teacher || exit) in every case.")
-    return True
+            return EXIT_LOSS.incorrect(feedback)
+        no_gradient = EXIT_LOSS.incorrect(
+            "The value is right but no gradient reaches the exit's logits: avoid .item(), .detach(), numpy or "
+            "torch.no_grad() inside the loss, or the exit would not learn from it."
+        )
+        if not value.requires_grad:
+            return no_gradient
+        try:
+            torch.autograd.grad(value.reshape(()), logits_input)
+        except RuntimeError:  # the value does not depend on the exit's logits
+            return no_gradient
+    return EXIT_LOSS.correct(
+        "Your per-exit loss matches alpha * CE + beta * T^2 * KL(teacher || exit) in every case."
+    )
 
 
+@never_raises(THRESHOLD_FOR_BUDGET)
 def check_threshold_for_budget(
     threshold: float,
     exit_logits: Sequence[Tensor],
     labels: Tensor,
-    exit_flops: Sequence[float],
-    budget_flops: float,
-    tolerance: float = 0.01,
-) -> bool:
-    """Does early exit at ``threshold`` stay within ``budget_flops`` per image, at near the best accuracy?
+    exit_macs: Sequence[float],
+    budget_macs: float,
+    tolerance: float = 1.0,
+) -> CheckResult:
+    """Does early exit at ``threshold`` stay within ``budget_macs`` per image, at near the best accuracy?
 
-    Right when the mean FLOPs per image are at most the budget and the accuracy is within ``tolerance``
-    (a fraction) of the best any threshold on a fine grid reaches within the same budget.
+    Right when the mean MACs per image are at most the budget and the accuracy is within ``tolerance``
+    percentage points of the best any threshold on a fine grid reaches within the same budget.
     """
+    if threshold is None or threshold is ...:
+        return THRESHOLD_FOR_BUDGET.not_done("Set your threshold: a number between 0 and 1.01.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        try:
+            threshold = float(threshold)  # a numpy or torch number
+        except (TypeError, ValueError):
+            return THRESHOLD_FOR_BUDGET.incorrect(
+                f"Could not use threshold {threshold!r}: give a number between 0 and 1.01."
+            )
+    if threshold != threshold:  # NaN
+        return THRESHOLD_FOR_BUDGET.incorrect("The threshold is NaN: give a number between 0 and 1.01.")
     try:
-        result = early_exit(exit_logits, float(threshold), exit_flops)
-    except (TypeError, ValueError) as error:
-        print(f"Could not use threshold {threshold!r}: {error}. Give a number between 0 and 1.01.")
-        return False
-    mean, accuracy = result.mean_flops, result.accuracy(labels)
+        result = early_exit(exit_logits, threshold, exit_macs)
+    except ValueError as error:
+        return THRESHOLD_FOR_BUDGET.incorrect(str(error))
+    mean, accuracy = result.mean_macs, result.accuracy(labels)
     grid = [k / 200 for k in range(201)] + [1.01]
-    sweep = threshold_sweep(exit_logits, labels, exit_flops, grid)
-    affordable = sweep[sweep["mean_flops"] <= budget_flops]
-    print(f"threshold {threshold}: accuracy {accuracy:.2%}, {mean / 1e6:.2f} M FLOPs per image on average.")
+    sweep = threshold_sweep(exit_logits, labels, exit_macs, grid)
+    affordable = sweep[sweep["mean_macs"] <= budget_macs]
+    measured = f"Threshold {threshold:g}: accuracy {accuracy:.2f} %, {mean / 1e6:.3g} M MACs per image on average."
     if affordable.empty:
-        print(
-            f"No threshold meets a budget of {budget_flops / 1e6:.2f} M FLOPs: even exit 1 alone costs more."
+        return THRESHOLD_FOR_BUDGET.incorrect(
+            f"{measured} No threshold meets a budget of {budget_macs / 1e6:.3g} M MACs: even exit 1 alone "
+            "costs more."
         )
-        return False
     best = affordable.loc[affordable["accuracy"].idxmax()]
-    if mean > budget_flops:
-        print(
-            f"Over budget ({budget_flops / 1e6:.2f} M FLOPs). A lower threshold lets more images leave early; "
-            "read the accuracy-versus-FLOPs table to find where the cost drops below the budget."
+    if mean > budget_macs:
+        return THRESHOLD_FOR_BUDGET.incorrect(
+            f"{measured} Over budget ({budget_macs / 1e6:.3g} M MACs). A lower threshold lets more images "
+            "leave early; read the accuracy-versus-MACs table to find where the cost drops below the budget."
         )
-        return False
     if accuracy < best["accuracy"] - tolerance:
-        print(
-            f"Within budget, but a threshold of about {best['threshold']:.3f} reaches {best['accuracy']:.2%} "
-            "for the same budget: try a higher threshold that still fits."
+        return THRESHOLD_FOR_BUDGET.incorrect(
+            f"{measured} Within budget, but a threshold of about {best['threshold']:.3f} reaches "
+            f"{best['accuracy']:.2f} % for the same budget: try a higher threshold that still fits."
         )
-        return False
-    print(f"Correct: within the {budget_flops / 1e6:.2f} M FLOPs budget at near the best accuracy possible.")
-    return True
+    return THRESHOLD_FOR_BUDGET.correct(
+        f"{measured} Within the {budget_macs / 1e6:.3g} M MACs budget at near the best accuracy possible."
+    )
