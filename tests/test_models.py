@@ -10,7 +10,7 @@ from torch import nn
 
 from kdbook_utils.features import FeatureExtractor
 from kdbook_utils.metrics import count_parameters
-from kdbook_utils.models import ZooModel, create_model, list_models
+from kdbook_utils.models import ZooModel, create_model, list_models, model_options
 from kdbook_utils.models.resnet import RESNET_CONFIGS, BasicBlock
 from kdbook_utils.models.resnet import describe as describe_resnets
 from kdbook_utils.models.vgg import VGG_CONFIGS
@@ -227,12 +227,97 @@ def test_one_channel_input_and_every_parameter_gets_a_gradient() -> None:
 
 
 def test_bad_options_are_refused() -> None:
-    with pytest.raises(ValueError, match="in_channels"):
+    with pytest.raises(ValueError, match="in_channels must be a positive integer; got 0"):
         create_model("resnet8", 10, in_channels=0)
     with pytest.raises(ValueError, match="in_channels"):
         create_model("vgg8", 10, in_channels=0)
-    with pytest.raises(TypeError):
-        create_model("resnet8", 10, image_size=64)  # only VGG's layout depends on the image size
+    # Only VGG's layout depends on the image size: the error lists what resnet8 does take.
+    with pytest.raises(TypeError, match=r"unknown keyword 'image_size'\. Valid keywords: in_channels=3\."):
+        create_model("resnet8", 10, image_size=64)
+
+
+def test_every_builder_declares_its_options() -> None:
+    # create_model can only list the valid options of builders that name them (no **options).
+    for name in list_models():
+        assert "in_channels" in model_options(name), name
+    assert model_options("vgg8") == {"in_channels": 3, "image_size": 32}
+    assert model_options("alexnet_lsl_student_eighth") == {"in_channels": 3, "batch_norm": True, "dropout": 0.0}
+    plain = create_model("alexnet_lsl_student_eighth", 10, dropout=0.5)
+    assert plain.fc1[0].p == 0.5
+
+
+# ------------------------------------------------------------------------------------------ input checks
+
+
+EXPECTED_MIN_SIZE = {"resnet8": 1, "vgg8": 8, "small_cnn": 4, "wrn16_2": 1, "torchvision_inception_v3": 1}
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [(name, {}) for name in list_models()]
+    + [("small_cnn", {"blocks": blocks}) for blocks in (1, 3, 5)]
+    + [("vgg11", {"image_size": 64}), ("mobilenet9", {"stem_stride": 2})],
+)
+def test_min_input_size_is_the_smallest_size_that_runs(name: str, options: dict) -> None:
+    with torch.device("meta"):  # shapes only: nothing is allocated or computed
+        model = create_model(name, 10, **options).eval()
+    size, channels = model.min_input_size, model.in_channels
+    if not options and name in EXPECTED_MIN_SIZE:
+        assert size == EXPECTED_MIN_SIZE[name]
+    assert model(torch.empty(2, channels, size, size, device="meta")).shape == (2, 10)
+    assert model(torch.empty(2, channels, size, 3 * size + 1, device="meta")).shape == (2, 10)
+    if size > 1:
+        smaller = torch.empty(2, channels, size - 1, size - 1, device="meta")
+        with pytest.raises(RuntimeError):  # the stages themselves fail one pixel below
+            nn.Sequential.forward(model, smaller)
+        with pytest.raises(ValueError, match=f"at least {size}x{size} pixels.*; got {size - 1}x{size - 1} images"):
+            model(smaller)
+
+
+def test_downsampling_sets_the_minimum() -> None:
+    assert [create_model("small_cnn", 2, blocks=b).min_input_size for b in (1, 3, 5)] == [2, 8, 32]
+    assert create_model("vgg11", 2, image_size=64).min_input_size == 16  # RepDistiller keeps a 4th pool
+
+
+def test_the_input_check_reads_only_shape_and_dtype() -> None:
+    model = create_model("resnet8", 10, in_channels=1).eval()
+    assert model.in_channels == 1
+    with torch.no_grad():
+        nan_images = torch.full((2, 1, 8, 8), float("nan"))
+        assert torch.isnan(model(nan_images)).all()  # values are not the model's business: fit checks them
+        half = model.to(torch.bfloat16)(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+
+
+def test_channels_last_hooks_and_stage_by_stage_runs_still_work() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet8", 10).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+        assert torch.allclose(model(images.to(memory_format=torch.channels_last)), expected, atol=1e-5)
+        with FeatureExtractor(model, model.feature_points) as extractor:
+            logits, features = extractor.forward_with_features(images)
+        assert torch.equal(logits, expected) and features["stage3"].shape == (4, 64, 8, 8)
+        # Code that runs the stages itself (multi-exit heads) skips the check, or calls it first.
+        model.check_input(images)
+        staged = images
+        for stage in model:
+            staged = stage(staged)
+    assert torch.equal(staged, expected)
+
+
+def test_the_input_check_compiles_without_a_graph_break() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet8", 10).eval()
+    images = torch.randn(2, 3, 16, 16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a break would raise
+        assert torch.allclose(compiled(images), model(images), atol=1e-6)
+        with pytest.raises(ValueError, match="3 channels.*got 1 channel"):
+            torch.compile(model, backend="eager")(torch.randn(2, 1, 16, 16))
+    torch._dynamo.reset()
 
 
 def test_describe_tables() -> None:

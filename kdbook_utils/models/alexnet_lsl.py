@@ -49,6 +49,7 @@ from collections import OrderedDict
 
 from torch import nn
 
+from kdbook_utils.errors import check_int, check_number
 from kdbook_utils.models import ZooModel, register_model
 
 TEACHER_CHANNELS = (96, 256, 384, 384, 256)
@@ -59,9 +60,13 @@ POOLED_SIZE = 4  # spatial size the last map is averaged to before the FC layers
 
 
 def _scaled(channels: int, width: float) -> int:
-    if width <= 0:
-        raise ValueError(f"width must be positive, got {width!r}.")
+    check_number("width", width, above=0.0, fix="It scales every channel count; 1.0 is the paper's width.")
     return max(1, round(channels * width))
+
+
+def _check_options(in_channels: int, dropout: float) -> None:
+    check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
+    check_number("dropout", dropout, minimum=0.0, maximum=1.0, fix="It is a probability; 0 switches it off.")
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int, stride: int, batch_norm: bool) -> nn.Sequential:
@@ -101,7 +106,9 @@ class AlexNetLSL(ZooModel):
         feature_points: tuple[str, ...],
         paper_layers: tuple[str, ...],
     ) -> None:
-        super().__init__(stages, feature_points)
+        # Convs are padded to keep the size and the 3x3 / 2 max-pools are padded by 1, so any size >= 1
+        # passes; the adaptive average pool then makes the FC input 4x4.
+        super().__init__(stages, feature_points, min_input_size=1)
         self.paper_layers: tuple[str, ...] = paper_layers
 
 
@@ -115,6 +122,7 @@ def alexnet_lsl_teacher(
     dropout: float = 0.0,
 ) -> AlexNetLSL:
     """The LSL paper's teacher (Table 1): five convolutions and two FC layers, adapted to 32x32 inputs."""
+    _check_options(in_channels, dropout)
     c1, c2, c3, c4, c5 = (_scaled(c, width) for c in TEACHER_CHANNELS)
     fc = _scaled(TEACHER_FC, width)
     stages = OrderedDict(
@@ -144,6 +152,7 @@ def alexnet_lsl_student(
     dropout: float = 0.0,
 ) -> AlexNetLSL:
     """The LSL paper's student (Table 2): three convolutions and two FC layers, adapted to 32x32 inputs."""
+    _check_options(in_channels, dropout)
     c1, c2, c3 = (_scaled(c, width) for c in STUDENT_CHANNELS)
     fc = _scaled(STUDENT_FC, width)
     stages = OrderedDict(
@@ -163,36 +172,48 @@ def alexnet_lsl_student(
 # Named reduced-width variants, so that helpers which build a model from its name alone (the cached
 # teachers of ``kdbook_utils.checkpoints``) can make them. The ``quick`` lesson uses the eighth-width pair.
 @register_model("alexnet_lsl_teacher_half")
-def alexnet_lsl_teacher_half(num_classes: int, in_channels: int = 3, **options: object) -> AlexNetLSL:
+def alexnet_lsl_teacher_half(
+    num_classes: int, in_channels: int = 3, *, batch_norm: bool = True, dropout: float = 0.0
+) -> AlexNetLSL:
     """:func:`alexnet_lsl_teacher` at half width (48 .. 192 channels, FC 2048)."""
-    return alexnet_lsl_teacher(num_classes, in_channels, width=0.5, **options)  # type: ignore[arg-type]
+    return alexnet_lsl_teacher(num_classes, in_channels, width=0.5, batch_norm=batch_norm, dropout=dropout)
 
 
 @register_model("alexnet_lsl_student_half")
-def alexnet_lsl_student_half(num_classes: int, in_channels: int = 3, **options: object) -> AlexNetLSL:
+def alexnet_lsl_student_half(
+    num_classes: int, in_channels: int = 3, *, batch_norm: bool = True, dropout: float = 0.0
+) -> AlexNetLSL:
     """:func:`alexnet_lsl_student` at half width (48 .. 192 channels, FC 256)."""
-    return alexnet_lsl_student(num_classes, in_channels, width=0.5, **options)  # type: ignore[arg-type]
+    return alexnet_lsl_student(num_classes, in_channels, width=0.5, batch_norm=batch_norm, dropout=dropout)
 
 
 @register_model("alexnet_lsl_teacher_quarter")
-def alexnet_lsl_teacher_quarter(num_classes: int, in_channels: int = 3, **options: object) -> AlexNetLSL:
+def alexnet_lsl_teacher_quarter(
+    num_classes: int, in_channels: int = 3, *, batch_norm: bool = True, dropout: float = 0.0
+) -> AlexNetLSL:
     """:func:`alexnet_lsl_teacher` at quarter width (24 .. 96 channels, FC 1024)."""
-    return alexnet_lsl_teacher(num_classes, in_channels, width=0.25, **options)  # type: ignore[arg-type]
+    return alexnet_lsl_teacher(num_classes, in_channels, width=0.25, batch_norm=batch_norm, dropout=dropout)
 
 
 @register_model("alexnet_lsl_student_quarter")
-def alexnet_lsl_student_quarter(num_classes: int, in_channels: int = 3, **options: object) -> AlexNetLSL:
+def alexnet_lsl_student_quarter(
+    num_classes: int, in_channels: int = 3, *, batch_norm: bool = True, dropout: float = 0.0
+) -> AlexNetLSL:
     """:func:`alexnet_lsl_student` at quarter width (24 .. 96 channels, FC 128)."""
-    return alexnet_lsl_student(num_classes, in_channels, width=0.25, **options)  # type: ignore[arg-type]
+    return alexnet_lsl_student(num_classes, in_channels, width=0.25, batch_norm=batch_norm, dropout=dropout)
 
 
 @register_model("alexnet_lsl_teacher_eighth")
-def alexnet_lsl_teacher_eighth(num_classes: int, in_channels: int = 3, **options: object) -> AlexNetLSL:
+def alexnet_lsl_teacher_eighth(
+    num_classes: int, in_channels: int = 3, *, batch_norm: bool = True, dropout: float = 0.0
+) -> AlexNetLSL:
     """:func:`alexnet_lsl_teacher` at an eighth of the width (12 .. 48 channels, FC 512)."""
-    return alexnet_lsl_teacher(num_classes, in_channels, width=0.125, **options)  # type: ignore[arg-type]
+    return alexnet_lsl_teacher(num_classes, in_channels, width=0.125, batch_norm=batch_norm, dropout=dropout)
 
 
 @register_model("alexnet_lsl_student_eighth")
-def alexnet_lsl_student_eighth(num_classes: int, in_channels: int = 3, **options: object) -> AlexNetLSL:
+def alexnet_lsl_student_eighth(
+    num_classes: int, in_channels: int = 3, *, batch_norm: bool = True, dropout: float = 0.0
+) -> AlexNetLSL:
     """:func:`alexnet_lsl_student` at an eighth of the width (12 .. 48 channels, FC 64)."""
-    return alexnet_lsl_student(num_classes, in_channels, width=0.125, **options)  # type: ignore[arg-type]
+    return alexnet_lsl_student(num_classes, in_channels, width=0.125, batch_norm=batch_norm, dropout=dropout)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from kdbook_utils.errors import check_int, check_number
 from kdbook_utils.models import ZooModel, register_model
 from kdbook_utils.models.resnet import ResNetConfig, build_resnet, init_resnet_weights
 from kdbook_utils.models.vgg import VGG_CONFIGS, build_vgg
@@ -33,8 +34,7 @@ from kdbook_utils.models.vgg import VGG_CONFIGS, build_vgg
 
 def scaled(channels: int, width: float) -> int:
     """``channels * width`` rounded, at least 1."""
-    if width <= 0:
-        raise ValueError(f"width must be a positive multiplier of the channel counts, got {width}.")
+    check_number("width", width, above=0.0, fix="It multiplies every channel count; 1.0 is the full width.")
     return max(1, round(channels * width))
 
 
@@ -94,8 +94,8 @@ def build_mobilenet(
 
     ``stem_stride=1`` suits 32-64 px inputs (ImageNet's stride-2 stem would leave 2x2 maps at 64 px).
     """
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be positive (1 for grey images, 3 for RGB), got {in_channels}.")
+    check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
+    check_int("stem_stride", stem_stride, minimum=1, maximum=2, fix="1 suits 32-64 px inputs, 2 larger ones.")
     stem_width = scaled(32, width)
     layers: OrderedDict[str, nn.Module] = OrderedDict(
         stem=nn.Sequential(
@@ -116,7 +116,8 @@ def build_mobilenet(
         layers[f"stage{index}"] = nn.Sequential(*blocks)
     layers["pool"] = nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
     layers["classifier"] = nn.Linear(channels, num_classes)
-    model = ZooModel(layers, feature_points=MOBILENET_FEATURE_POINTS[: len(stages) + 1])
+    # Padded 3x3 convs (strided or not) and 1x1 convs only: even a 1x1 image passes.
+    model = ZooModel(layers, feature_points=MOBILENET_FEATURE_POINTS[: len(stages) + 1], min_input_size=1)
     init_resnet_weights(model)  # the same He-normal conv / unit-BN initialisation as the CIFAR ResNets
     return model
 

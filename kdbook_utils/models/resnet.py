@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from kdbook_utils.errors import check_int, must_be
 from kdbook_utils.models import ZooModel, register_model
 
 RESNET_FEATURE_POINTS: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3")
@@ -126,10 +127,9 @@ def build_resnet(config: ResNetConfig, num_classes: int, in_channels: int = 3) -
     """Assemble a CIFAR ResNet as a :class:`ZooModel` of named stages (see the module docstring)."""
     if (config.depth - 2) % 6 != 0 or config.depth < 8:
         raise ValueError(
-            f"A CIFAR ResNet of basic blocks has depth 6n + 2 (8, 14, 20, ...), got {config.depth}."
+            must_be("The depth of a CIFAR ResNet of basic blocks", "6n + 2 (8, 14, 20, ...)", config.depth)
         )
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be positive (1 for grey images, 3 for RGB), got {in_channels}.")
+    check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
     n = config.blocks_per_stage
     width1, width2, width3 = config.stage_widths
     stem = nn.Sequential(
@@ -147,7 +147,8 @@ def build_resnet(config: ResNetConfig, num_classes: int, in_channels: int = 3) -
         pool=nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())),
         classifier=nn.Linear(width3, num_classes),
     )
-    model = ZooModel(stages, feature_points=RESNET_FEATURE_POINTS)
+    # Every conv is 3x3 with padding 1 (or 1x1): even a 1x1 image passes through the strided ones.
+    model = ZooModel(stages, feature_points=RESNET_FEATURE_POINTS, min_input_size=1)
     init_resnet_weights(model)
     return model
 

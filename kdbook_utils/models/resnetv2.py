@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from kdbook_utils.errors import check_int, must_be
 from kdbook_utils.models import ZooModel, register_model
 from kdbook_utils.models.resnet import init_resnet_weights
 
@@ -103,11 +104,11 @@ def build_resnetv2(
 ) -> ZooModel:
     """Assemble a CIFAR-stem ResNet as named stages ``stem, stage1..stage4, pool, classifier``."""
     if len(blocks_per_stage) != len(STAGE_STRIDES):
-        raise ValueError(f"Need {len(STAGE_STRIDES)} stage lengths, got {list(blocks_per_stage)}.")
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be positive (1 for grey images, 3 for RGB), got {in_channels}.")
-    if base_width < 1:
-        raise ValueError(f"base_width must be a positive integer, got {base_width!r}.")
+        raise ValueError(
+            must_be("blocks_per_stage", f"{len(STAGE_STRIDES)} stage lengths", list(blocks_per_stage))
+        )
+    check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
+    check_int("base_width", base_width, minimum=1, fix="64 is the paper's width; 16 suits a CPU.")
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     stages["stem"] = nn.Sequential(
         OrderedDict(
@@ -126,7 +127,10 @@ def build_resnetv2(
         stages[f"stage{index}"] = nn.Sequential(*blocks)
     stages["pool"] = nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
     stages["classifier"] = nn.Linear(channels, num_classes)
-    model = ZooModel(stages, feature_points=("stem", "stage1", "stage2", "stage3", "stage4"))
+    # CIFAR stem and padded 3x3 / 1x1 convs only: even a 1x1 image passes through the strided ones.
+    model = ZooModel(
+        stages, feature_points=("stem", "stage1", "stage2", "stage3", "stage4"), min_input_size=1
+    )
     init_resnet_weights(model)
     return model
 

@@ -31,6 +31,7 @@ from collections import OrderedDict
 
 from torch import nn
 
+from kdbook_utils.errors import check_int
 from kdbook_utils.models import ZooModel, register_model
 
 SMALL_CNN_FAMILY: dict[str, dict[str, int]] = {
@@ -42,11 +43,6 @@ SMALL_CNN_FAMILY: dict[str, dict[str, int]] = {
     "cnn-3x32": {"blocks": 3, "width": 32, "fc_layers": 1},
 }
 """Named members of the family, smallest first: ``create_model("small_cnn", 10, **SMALL_CNN_FAMILY[name])``."""
-
-
-def _check_positive(name: str, value: int, hint: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"small_cnn: {name} must be a positive integer ({hint}), got {value!r}.")
 
 
 @register_model("small_cnn")
@@ -63,13 +59,17 @@ def small_cnn(
 
     Each block halves the feature map with a 2x2 max-pool, so at most 5 blocks fit a 32x32 input.
     """
-    _check_positive("blocks", blocks, "the number of conv blocks, 1 to 5 for 32x32 inputs")
-    _check_positive("width", width, "the channels of the first conv block")
-    _check_positive("fc_layers", fc_layers, "1 means only the classifier")
-    _check_positive("hidden", hidden, "units of each hidden fully connected layer")
-    _check_positive("in_channels", in_channels, "1 for grey images, 3 for RGB")
-    if blocks > 5:
-        raise ValueError(f"small_cnn: blocks={blocks} would pool a 32x32 input below 1x1; use 1 to 5 blocks.")
+    check_int(
+        "small_cnn's blocks",
+        blocks,
+        minimum=1,
+        maximum=5,
+        fix="Each block halves the map with a 2x2 max-pool, so more than 5 would pool 32x32 below 1x1.",
+    )
+    check_int("small_cnn's width", width, minimum=1, fix="It is the channel count of the first conv block.")
+    check_int("small_cnn's fc_layers", fc_layers, minimum=1, fix="1 means the classifier alone.")
+    check_int("small_cnn's hidden", hidden, minimum=1, fix="It is the width of each hidden FC layer.")
+    check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
 
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     channels_in = in_channels
@@ -95,7 +95,12 @@ def small_cnn(
         stages["head"] = nn.Sequential(head)
     stages["classifier"] = nn.Linear(features, num_classes)
 
-    model = ZooModel(stages, feature_points=tuple(f"block{index}" for index in range(1, blocks + 1)))
+    # Each block's 2x2 max-pool halves the map (rounding down): ``blocks`` of them need 2**blocks pixels.
+    model = ZooModel(
+        stages,
+        feature_points=tuple(f"block{index}" for index in range(1, blocks + 1)),
+        min_input_size=2**blocks,
+    )
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from kdbook_utils.errors import check_choice, check_int, must_be
 from kdbook_utils.models import ZooModel, register_model
 
 
@@ -88,8 +89,8 @@ def _adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 
 def _check_input_size(name: str, input_size: int | None, minimum: int) -> None:
-    if input_size is not None and (not isinstance(input_size, int) or input_size < minimum):
-        raise ValueError(f"{name}: input_size must be an integer >= {minimum} (or None), got {input_size!r}.")
+    if input_size is not None:
+        check_int(f"{name}'s input_size", input_size, minimum=minimum, fix="Or None for the default.")
 
 
 @register_model("torchvision_resnet50")
@@ -110,11 +111,18 @@ def torchvision_resnet50(
     input) and to ``None`` (native resolution) with the CIFAR stem.
     """
     _check_input_size("torchvision_resnet50", input_size, 32)
+    check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
     stem_kind = ("imagenet" if pretrained else "cifar") if stem is None else stem
-    if stem_kind not in ("imagenet", "cifar"):
-        raise ValueError(f"torchvision_resnet50: stem must be 'imagenet' or 'cifar', got {stem!r}.")
+    check_choice("torchvision_resnet50's stem", stem_kind, ("imagenet", "cifar"), "None picks by pretrained.")
     if pretrained and stem_kind != "imagenet":
-        raise ValueError("torchvision_resnet50: the ImageNet weights need stem='imagenet'.")
+        raise ValueError(
+            must_be(
+                "torchvision_resnet50's stem with pretrained=True",
+                "'imagenet' (the ImageNet weights were learned with it)",
+                stem,
+                "Pass stem='imagenet' or leave it out.",
+            )
+        )
     network = tv_models.resnet50(weights=None)
     if pretrained:
         network.load_state_dict(load_pretrained_state(tv_models.ResNet50_Weights.IMAGENET1K_V2, download))
@@ -143,7 +151,8 @@ def torchvision_resnet50(
         pool=nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())),
         classifier=nn.Linear(network.fc.in_features, num_classes),
     )
-    return ZooModel(stages, feature_points=("stem", "stage1", "stage2", "stage3", "stage4"))
+    # The CIFAR stem keeps the size and ``resize`` upsamples for the ImageNet stem: any size >= 1 passes.
+    return ZooModel(stages, feature_points=("stem", "stage1", "stage2", "stage3", "stage4"), min_input_size=1)
 
 
 @register_model("torchvision_inception_v3")
@@ -160,6 +169,7 @@ def torchvision_inception_v3(
     Inputs are upsampled to ``input_size`` (at least 75, the smallest the network accepts).
     """
     _check_input_size("torchvision_inception_v3", input_size, 75)
+    check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
     network = tv_models.inception_v3(weights=None, aux_logits=True, init_weights=not pretrained)
     if pretrained:
         network.load_state_dict(load_pretrained_state(tv_models.Inception_V3_Weights.IMAGENET1K_V1, download))
@@ -198,4 +208,5 @@ def torchvision_inception_v3(
         ),
         classifier=nn.Linear(network.fc.in_features, num_classes),
     )
-    return ZooModel(stages, feature_points=("stem", "stage1", "stage2", "stage3"))
+    # ``resize`` upsamples every input to input_size (>= 75), so any size >= 1 passes.
+    return ZooModel(stages, feature_points=("stem", "stage1", "stage2", "stage3"), min_input_size=1)

@@ -49,6 +49,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from kdbook_utils.errors import check_int
 from kdbook_utils.models import ZooModel, register_model
 
 VGG_CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -98,10 +99,8 @@ def build_vgg(
     ``image_size >= 64`` (RepDistiller's rule, which keeps the last block's maps at 4x4 for 32 and 64 px).
     The model runs at any input size either way: the global average pool makes the head size-independent.
     """
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be positive (1 for grey images, 3 for RGB), got {in_channels}.")
-    if image_size < 1:
-        raise ValueError(f"image_size must be the input's height/width in pixels, got {image_size}.")
+    check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
+    check_int("image_size", image_size, minimum=1, fix="It is the input's height and width in pixels, e.g. 32.")
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     last = len(blocks)
     for index, widths in enumerate(blocks, start=1):
@@ -112,7 +111,11 @@ def build_vgg(
             stages[f"pool{index}"] = nn.MaxPool2d(kernel_size=2, stride=2)
     stages["pool"] = nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
     stages["classifier"] = nn.Linear(in_channels, num_classes)
-    model = ZooModel(stages, feature_points=[f"block{index}" for index in range(1, last + 1)])
+    # Each 2x2 max-pool halves the map (rounding down), so k of them need at least 2**k pixels.
+    pools = sum(isinstance(stage, nn.MaxPool2d) for stage in stages.values())
+    model = ZooModel(
+        stages, feature_points=[f"block{index}" for index in range(1, last + 1)], min_input_size=2**pools
+    )
     init_vgg_weights(model)
     return model
 

@@ -27,6 +27,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
+from kdbook_utils.errors import check_int, check_number, must_be
 from kdbook_utils.models import ZooModel, register_model
 
 WRN_FEATURE_POINTS: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3")
@@ -64,11 +65,10 @@ def build_wrn(
 ) -> ZooModel:
     """Assemble a WRN-``depth``-``widen_factor`` as named stages (see the module docstring)."""
     if depth < 10 or (depth - 4) % 6 != 0:
-        raise ValueError(f"A WRN has depth 6n + 4 (10, 16, 22, 28, 40, ...), got {depth}.")
-    if widen_factor < 1:
-        raise ValueError(f"widen_factor must be a positive integer, got {widen_factor!r}.")
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be positive (1 for grey images, 3 for RGB), got {in_channels}.")
+        raise ValueError(must_be("The depth of a WRN", "6n + 4 (10, 16, 22, 28, 40, ...)", depth))
+    check_int("widen_factor", widen_factor, minimum=1, fix="WRN-40-2 has widen_factor 2.")
+    check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
+    check_number("dropout", dropout, minimum=0.0, maximum=1.0, fix="It is a probability; 0 switches it off.")
     blocks_per_group = (depth - 4) // 6
     widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
     stages: OrderedDict[str, nn.Module] = OrderedDict()
@@ -82,7 +82,7 @@ def build_wrn(
     stages["final_norm"] = nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(channels), relu=nn.ReLU()))
     stages["pool"] = nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
     stages["classifier"] = nn.Linear(channels, num_classes)
-    model = ZooModel(stages, feature_points=WRN_FEATURE_POINTS)
+    model = ZooModel(stages, feature_points=WRN_FEATURE_POINTS, min_input_size=1)  # padded 3x3 convs only
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
