@@ -18,13 +18,23 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from kdbook_utils.errors import check_int, check_keywords, check_number, closest, must_be
+
 PRESET_ENV_VAR = "KDBOOK_PRESET"
 DATA_ROOT_ENV_VAR = "KDBOOK_DATA"
 
 
+#: Device names a preset may ask for (``"cuda:N"`` picks the N-th GPU); ``"auto"`` picks CUDA, MPS or CPU.
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+
+
 @dataclass(frozen=True)
 class Preset:
-    """One size of run. Lessons read these fields rather than hard-coding sizes."""
+    """One size of run. Lessons read these fields rather than hard-coding sizes.
+
+    Every field is checked when a preset is made or changed (:meth:`replace`): a wrong name or value is
+    an error that names it and says what would work, never a run that silently does something else.
+    """
 
     name: str
     dataset: str
@@ -37,10 +47,59 @@ class Preset:
     seeds: tuple[int, ...]
     device: str
     description: str
+    val_size: int = 0
+    """Images held out of the training split for validation (choices are made on them, never on test)."""
+
+    def __post_init__(self) -> None:
+        for field in ("name", "dataset", "description"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or (field != "description" and not value.strip()):
+                raise TypeError(must_be(f"Preset {field}", "a non-empty string", value))
+        for field in ("train_subset", "test_subset"):
+            value = getattr(self, field)
+            if value is not None:
+                check_int(
+                    f"Preset {field}", value, minimum=1, fix="It is a number of images; None uses them all."
+                )
+        check_int("Preset batch_size", self.batch_size, minimum=1, fix="Use e.g. 64 or 128.")
+        for field in ("teacher_epochs", "student_epochs"):
+            check_int(f"Preset {field}", getattr(self, field), minimum=1, fix="Use e.g. 8 (quick) or 15 (lab).")
+        check_number("Preset lr", self.lr, above=0.0, fix="It is the SGD learning rate, e.g. 0.05.")
+        seeds = self.seeds
+        if not isinstance(seeds, (tuple, list)) or not seeds:
+            error = ValueError if isinstance(seeds, (tuple, list)) else TypeError
+            raise error(
+                must_be("Preset seeds", "a non-empty tuple of integers", seeds, "Use e.g. (0, 1, 2), or (0,).")
+            )
+        checked = tuple(check_int("each of Preset seeds", seed, minimum=0) for seed in seeds)
+        object.__setattr__(self, "seeds", checked)  # a list becomes a tuple: presets stay hashable
+        _check_device(self.device)
+        check_int(
+            "Preset val_size", self.val_size, minimum=0, fix="It is how many training images to hold out."
+        )
 
     def replace(self, **changes: object) -> Preset:
-        """A copy with some fields changed, e.g. ``PRESET.replace(student_epochs=5)``."""
+        """A copy with some fields changed, e.g. ``PRESET.replace(student_epochs=5)``.
+
+        An unknown field lists the valid ones; a bad value is refused as in the constructor.
+        """
+        check_keywords("Preset.replace", changes, [field.name for field in dataclasses.fields(self)])
         return dataclasses.replace(self, **changes)
+
+
+def _check_device(device: object) -> None:
+    if not isinstance(device, str):
+        raise TypeError(must_be("Preset device", "a string", device, f"Use one of {', '.join(DEVICES)}."))
+    kind, _, index = device.strip().lower().partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(
+            must_be(
+                "Preset device",
+                "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+                device,
+                "'cuda' is an NVIDIA GPU; 'auto' uses a GPU when there is one, else the CPU.",
+            )
+        )
 
 
 PRESETS: dict[str, Preset] = {
@@ -56,6 +115,7 @@ PRESETS: dict[str, Preset] = {
         seeds=(0, 1, 2),
         device="cpu",
         description="embedded scikit-learn digits on the CPU: every notebook in a couple of minutes",
+        val_size=288,
     ),
     "lab": Preset(
         name="lab",
@@ -69,6 +129,7 @@ PRESETS: dict[str, Preset] = {
         seeds=(0, 1, 2),
         device="auto",
         description="a 10,000-image CIFAR-10 subset: about 15 minutes on a laptop CPU, minutes on a GPU",
+        val_size=2000,
     ),
     "paper": Preset(
         name="paper",
@@ -82,6 +143,7 @@ PRESETS: dict[str, Preset] = {
         seeds=(0, 1, 2),
         device="auto",
         description="the papers' schedules on full CIFAR-100 / ImageNet 64x64: hours on a GPU",
+        val_size=5000,
     ),
 }
 
@@ -89,10 +151,17 @@ PRESETS: dict[str, Preset] = {
 def get_preset(name: str | None = None) -> Preset:
     """Return the preset called ``name``, or the one named by ``$KDBOOK_PRESET`` (default ``quick``)."""
     chosen = name if name is not None else os.environ.get(PRESET_ENV_VAR, "quick")
+    if not isinstance(chosen, str):
+        raise TypeError(must_be("The preset name", "a string", chosen, f"Valid presets: {', '.join(PRESETS)}."))
     key = chosen.strip().lower()
     if key not in PRESETS:
         raise ValueError(
-            f"Unknown preset {chosen!r}. Valid presets: {', '.join(PRESETS)}. "
-            f"Set it with the environment variable {PRESET_ENV_VAR} or in the notebook's parameters cell."
+            must_be(
+                "The preset",
+                f"one of {', '.join(PRESETS)}",
+                chosen,
+                f"Set it with the environment variable {PRESET_ENV_VAR} or in the notebook's parameters "
+                f"cell.{closest(key, PRESETS)}",
+            )
         )
     return PRESETS[key]
