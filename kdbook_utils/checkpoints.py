@@ -3,12 +3,29 @@
 Teachers take a while to train, so the notebooks train each one once and keep it in a cache directory
 (``~/.cache/kdbook``, or wherever ``$KDBOOK_CACHE`` points). A checkpoint is a plain dict::
 
-    {"arch": "resnet32", "num_classes": 10, "state_dict": {...tensors...}, "metadata": {...}}
+    {"arch": "resnet32", "num_classes": 10, "state_dict": {...tensors...}, "metadata": {...},
+     "sha256": "9f2c..."}
 
 written atomically (a crash mid-write never leaves a half-written file under the real name) and read
 with ``torch.load(..., weights_only=True)``, which refuses to run code hidden in a file (a full pickle
 can execute anything when loaded). The metadata holds plain values only: numbers, strings, lists, dicts,
 and the training history, so a notebook can plot a cached teacher's learning curve.
+
+**Verified on load.** ``sha256`` is the SHA-256 of everything else in the checkpoint (each tensor's name,
+dtype, shape and bytes, and every plain value; :func:`content_sha256`), computed when it is saved. Loading
+checks, in order: that the file is a zip archive (PyTorch's format) holding a PyTorch file, that every
+part of the archive passes its CRC-32 check, that it unpickles under ``weights_only=True``, that it has
+the keys above, and that its contents hash to ``sha256``. A file that fails is never loaded:
+
+* a truncated or damaged file raises :class:`CorruptCheckpointError`, naming its path and saying to delete
+  it to retrain (:func:`load_or_train` can retrain by itself: ``retrain_if_corrupt=True``);
+* a file that is not a checkpoint at all (a text file, random bytes, a zip of other files, a plain pickle,
+  a bare ``state_dict``) raises :class:`NotACheckpointError`, saying what it looks like;
+* a pickle holding Python objects other than tensors and plain values raises :class:`CheckpointError`
+  (loading it could run arbitrary code).
+
+Checkpoints saved before the hash was added load with an :class:`UnverifiedCheckpointWarning` (their zip
+CRC-32 checks still pass); saving the model again adds the hash.
 """
 
 from __future__ import annotations
@@ -17,11 +34,13 @@ import contextlib
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import urllib.error
 import urllib.parse
+import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +48,43 @@ import pandas as pd
 import torch
 from torch import nn
 
+from kdbook_utils.errors import Seen as _Seen
+from kdbook_utils.errors import must_be
+
 __all__ = [
     "CheckpointError",
+    "CorruptCheckpointError",
+    "NotACheckpointError",
+    "UnverifiedCheckpointWarning",
     "cache_dir",
     "checkpoint_path",
+    "content_sha256",
     "download_checkpoint",
     "load_checkpoint",
     "load_or_train",
+    "read_checkpoint",
     "save_checkpoint",
 ]
 
 CACHE_ENV_VAR = "KDBOOK_CACHE"
+CHECKPOINT_KEYS: tuple[str, ...] = ("arch", "num_classes", "state_dict", "metadata")
+HASH_KEY = "sha256"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used: corrupt, unsafe, or for another model."""
+    """A checkpoint file that cannot be used: corrupt, unsafe, not a checkpoint, or for another model."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint that was damaged after it was written (cut short, bytes changed, empty): retrain it."""
+
+
+class NotACheckpointError(CheckpointError):
+    """A file that is not a kdbook checkpoint at all: text, random bytes, another zip, a bare state dict."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint saved before checkpoints carried a SHA-256: loaded on its zip CRC-32 checks alone."""
 
 
 def cache_dir() -> Path:
@@ -87,8 +128,12 @@ _PLAIN_TYPES = (str, int, float, bool, type(None))
 
 
 def _check_plain(value: Any, where: str) -> None:
-    """Metadata must load under ``weights_only=True``: plain values, lists, tuples, dicts, tensors."""
-    if isinstance(value, (*_PLAIN_TYPES, torch.Tensor)):
+    """Metadata must load under ``weights_only=True``: plain values, lists, tuples, dicts, tensors.
+
+    Plain means exactly ``str``, ``int``, ``float``, ``bool`` or ``None``: a NumPy number is a subclass of
+    ``float`` or ``int`` but pickles as a NumPy object, which a weights-only load refuses.
+    """
+    if type(value) in _PLAIN_TYPES or isinstance(value, torch.Tensor):
         return
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
@@ -101,8 +146,14 @@ def _check_plain(value: Any, where: str) -> None:
             _check_plain(item, f"{where}[{key!r}]")
         return
     raise TypeError(
-        f"Checkpoint metadata {where} is a {type(value).__name__}; use plain values (numbers, strings, "
-        "lists, dicts) or tensors, so the file loads safely with weights_only=True."
+        must_be(
+            f"Checkpoint metadata {where}",
+            "a plain value (number, string, list, dict) or a tensor, so the file loads with weights_only=True",
+            value
+            if type(value).__module__ == "builtins"
+            else _Seen(f"a {type(value).__module__}.{type(value).__name__}"),
+            "Convert it, e.g. float(x) or x.item() for a NumPy number, or leave it out.",
+        )
     )
 
 
@@ -117,10 +168,14 @@ def history_to_dict(history: pd.DataFrame) -> dict[str, list]:
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     """Write ``model``'s weights, architecture, class count and ``metadata`` to ``path``, atomically.
 
-    The file is written to a temporary name in the same directory, flushed to disk (fsync), then renamed
-    over ``path`` in one step (``os.replace``): a crash or a full disk never leaves a partial file under
-    ``path``. A ``pandas.DataFrame`` in the metadata (e.g. ``history=``) is stored as a dict of lists.
+    The checkpoint carries the SHA-256 of its contents (:func:`content_sha256`), checked at load. The
+    file is written to a temporary name in the same directory, flushed to disk (fsync), then renamed over
+    ``path`` in one step (``os.replace``): a crash, a kill or a full disk never leaves a partial file under
+    ``path``, and an old checkpoint there stays intact until the new one is complete. A
+    ``pandas.DataFrame`` in the metadata (e.g. ``history=``) is stored as a dict of lists.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(must_be("model", "a torch.nn.Module", _Seen(f"a {type(model).__name__}")))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -130,7 +185,13 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     _check_plain(metadata, "metadata")
     arch, num_classes = _describe(model)
     state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    checkpoint = {"arch": arch, "num_classes": num_classes, "state_dict": state_dict, "metadata": metadata}
+    checkpoint: dict[str, Any] = {
+        "arch": arch,
+        "num_classes": num_classes,
+        "state_dict": state_dict,
+        "metadata": metadata,
+    }
+    checkpoint[HASH_KEY] = content_sha256(checkpoint)
 
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -147,6 +208,42 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     return path
 
 
+def content_sha256(checkpoint: Mapping[str, Any]) -> str:
+    """The SHA-256 of a checkpoint's contents: every key except ``"sha256"``, in order.
+
+    Tensors contribute their dtype, shape and raw bytes (so ``-0.0`` and ``0.0``, or two NaN payloads,
+    differ); strings, numbers, ``None``, lists, tuples and dicts contribute their type and value. Any
+    change to a weight, a buffer, the architecture, the class count or the metadata changes the hash.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {key: value for key, value in checkpoint.items() if key != HASH_KEY})
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Add ``value`` to ``digest`` with its type and length, so different structures never collide."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"dict {len(value)}\n".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)}\n".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, str):
+        encoded = value.encode()
+        digest.update(f"str {len(encoded)}\n".encode() + encoded)
+    elif value is None or isinstance(value, (bool, int, float)):
+        digest.update(f"{type(value).__name__} {value!r}\n".encode())
+    else:
+        raise TypeError(f"Cannot hash a {type(value).__name__} in a checkpoint; use plain values or tensors.")
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make the rename itself durable (POSIX); harmless to skip where directories cannot be opened."""
     with contextlib.suppress(OSError, AttributeError):
@@ -158,40 +255,119 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint dict at ``path``, read safely (``weights_only=True``) onto the CPU.
+    """The checkpoint dict at ``path``, verified (see the module docstring) and read onto the CPU.
 
-    Raises ``FileNotFoundError`` if there is no file and :class:`CheckpointError` if it is corrupt,
-    truncated, not a kdbook checkpoint, or holds objects that a weights-only load refuses.
+    Raises ``FileNotFoundError`` if there is no file, :class:`CorruptCheckpointError` if it was damaged,
+    :class:`NotACheckpointError` if it is not a kdbook checkpoint at all, and :class:`CheckpointError` if
+    it holds objects that a weights-only load refuses.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}.")
+        what = "a directory" if path.is_dir() else "nothing"
+        raise FileNotFoundError(f"No checkpoint at {path} (there is {what} there).")
+    if path.stat().st_size == 0:
+        raise _corrupt(path, "it is empty (0 bytes), so its writing never finished")
+    with open(path, "rb") as file:
+        head = file.read(64)
+    if not head.startswith(b"PK"):  # every PyTorch file since 1.6 is a zip archive
+        raise _not_a_checkpoint(path, _what_it_looks_like(head))
+    _check_archive(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights only" in str(error).lower() or "weights_only" in str(error).lower():
+            # The archive passed its CRC-32 checks, so this pickle was written like this, not damaged.
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
             raise CheckpointError(
-                f"Refusing to load {path}: it holds Python objects other than tensors and plain values, "
-                "and loading those could run arbitrary code. Only load files you trust; kdbook "
-                "checkpoints never need this."
+                f"Refusing to load {path}: it holds Python objects other than tensors and plain values"
+                f"{f' ({found.group(1)})' if found else ''}, and loading those could run arbitrary code. "
+                "Only load files you trust; kdbook checkpoints never need this. If you wrote it yourself, "
+                "save the model again with kdbook_utils.checkpoints.save_checkpoint."
             ) from error
-        raise _corrupt(path, error) from error
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise _corrupt(path, error) from error
-    required = {"arch", "num_classes", "state_dict", "metadata"}
-    if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
-        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(
-            f"{path} is not a kdbook checkpoint (expected the keys {sorted(required)}, found {found}). "
-            "Save models with kdbook_utils.checkpoints.save_checkpoint."
+        raise _corrupt(path, f"it does not unpickle: {error}") from error
+    except Exception as error:  # any failure to read an archive that passed its CRC-32 checks is damage
+        raise _corrupt(path, f"{type(error).__name__}: {error}") from error
+    if not isinstance(checkpoint, dict) or not set(CHECKPOINT_KEYS) <= checkpoint.keys():
+        if (
+            isinstance(checkpoint, dict)
+            and checkpoint
+            and all(isinstance(value, torch.Tensor) for value in checkpoint.values())
+        ):
+            found = f"a bare state_dict of {len(checkpoint)} tensors"
+            fix = "Load it with model.load_state_dict(torch.load(path, weights_only=True))"
+        else:
+            found = (
+                f"the keys {sorted(map(str, checkpoint))}"
+                if isinstance(checkpoint, dict)
+                else (f"a {type(checkpoint).__name__}")
+            )
+            fix = "Save models with kdbook_utils.checkpoints.save_checkpoint"
+        raise NotACheckpointError(
+            f"{path} is a PyTorch file but not a kdbook checkpoint: it holds {found}, not the keys "
+            f"{list(CHECKPOINT_KEYS)}. {fix}, or delete it to retrain."
         )
+    stored = checkpoint.get(HASH_KEY)
+    if stored is None:
+        warnings.warn(
+            f"{path} was saved before kdbook checkpoints carried a SHA-256, so only the zip archive's CRC-32 "
+            "checks verified it. Save the model again (save_checkpoint) to add the hash, or delete it to "
+            "retrain.",
+            UnverifiedCheckpointWarning,
+            stacklevel=3,
+        )
+    elif stored != content_sha256(checkpoint):
+        raise _corrupt(path, "its contents do not match the SHA-256 written when it was saved")
     return checkpoint
 
 
-def _corrupt(path: Path, error: BaseException) -> CheckpointError:
-    return CheckpointError(
-        f"The checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error}). "
-        f"Delete it (os.remove({str(path)!r})) and run again to retrain."
+def _check_archive(path: Path) -> None:
+    """Refuse a zip that is damaged (CRC-32 of every part) or that holds no PyTorch file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every part: also catches names changed in one directory
+            names = archive.namelist()
+    except Exception as error:  # BadZipFile, zlib.error, EOFError, ...: all mean damage
+        raise _corrupt(path, f"it is cut short or its zip structure is damaged ({error})") from error
+    if damaged is not None:
+        raise _corrupt(path, f"its part {damaged!r} fails its CRC-32 check")
+    if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise _not_a_checkpoint(path, f"a zip archive of other files ({shown or 'empty'})")
+
+
+def _what_it_looks_like(head: bytes) -> str:
+    """A guess at what a file that is not a zip archive is, from its first bytes."""
+    if head.startswith(b"\x80"):
+        return "a Python pickle or a PyTorch file in the legacy (pre-1.6) format, which kdbook never writes"
+    for magic, kind in (
+        (b"\x89PNG", "a PNG image"),
+        (b"\xff\xd8\xff", "a JPEG image"),
+        (b"%PDF", "a PDF document"),
+        (b"\x1f\x8b", "a gzip file"),
+        (b"\x89HDF", "an HDF5 file"),
+    ):
+        if head.startswith(magic):
+            return kind
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(character.isprintable() or character in "\t\r\n" for character in text):
+        return f"a text file (it starts with {text[:40]!r})"
+    return f"binary data that no PyTorch file starts with (first bytes: {head[:8].hex(' ')})"
+
+
+def _corrupt(path: Path, reason: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"The checkpoint {path} is corrupt: {reason}. Delete it to retrain: os.remove({str(path)!r}), then "
+        "run again."
+    )
+
+
+def _not_a_checkpoint(path: Path, looks_like: str) -> NotACheckpointError:
+    return NotACheckpointError(
+        f"{path} is not a checkpoint: it is {looks_like}. Pass the path of a file written by save_checkpoint; "
+        "if this file was one, it is damaged beyond recognition: delete it to retrain."
     )
 
 
@@ -206,12 +382,16 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]
     if checkpoint["arch"] != arch or checkpoint["num_classes"] != num_classes:
         raise CheckpointError(
             f"Cannot load {path}: checkpoint is {checkpoint['arch']} with {checkpoint['num_classes']} "
-            f"classes, model is {arch} with {num_classes} classes."
+            f"classes, model is {arch} with {num_classes} classes. Load it into "
+            f"create_model({checkpoint['arch']!r}, {checkpoint['num_classes']}), or pick this model's checkpoint."
         )
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:  # e.g. same name, different in_channels or width
-        raise CheckpointError(f"The weights in {path} do not fit this {arch}: {error}") from error
+        raise CheckpointError(
+            f"The weights in {path} do not fit this {arch}: {error}. Create the model with the options it was "
+            "saved with (e.g. the same in_channels or width)."
+        ) from error
     return checkpoint["metadata"]
 
 
@@ -219,6 +399,8 @@ def load_or_train(
     model: nn.Module,
     path: str | os.PathLike,
     train_fn: Callable[[nn.Module], pd.DataFrame | None],
+    *,
+    retrain_if_corrupt: bool = False,
     **metadata: Any,
 ) -> tuple[nn.Module, pd.DataFrame | None, bool]:
     """Load ``model``'s weights from ``path`` if the file exists; otherwise train it and save it there.
@@ -226,15 +408,33 @@ def load_or_train(
     ``train_fn(model)`` trains in place and may return the history table, which is saved inside the
     checkpoint so that a model loaded from the cache still has its learning curve. Returns
     ``(model, history or None, loaded)`` where ``loaded`` says whether the file was used.
+
+    A corrupt checkpoint (:class:`CorruptCheckpointError`) is an error unless ``retrain_if_corrupt``:
+    then a warning names it and the model is trained and saved over it. Other problems (a checkpoint of
+    another model, a file that is not a checkpoint, an unsafe pickle) are always errors.
     """
     path = Path(path)
     if path.is_file():
-        stored = load_checkpoint(model, path)
-        history = stored.get("history")
-        return model, (pd.DataFrame(history) if history is not None else None), True
+        try:
+            stored = load_checkpoint(model, path)
+        except CorruptCheckpointError as error:
+            if not retrain_if_corrupt:
+                raise CorruptCheckpointError(
+                    f"{error} Or pass retrain_if_corrupt=True to load_or_train to retrain and replace it."
+                ) from error
+            warnings.warn(
+                f"{error} Retraining (retrain_if_corrupt=True); the new checkpoint replaces it.", stacklevel=2
+            )
+        else:
+            history = stored.get("history")
+            return model, (pd.DataFrame(history) if history is not None else None), True
     history = train_fn(model)
     if history is not None and not isinstance(history, pd.DataFrame):
-        raise TypeError(f"train_fn must return a pandas DataFrame or None, got {type(history).__name__}.")
+        raise TypeError(
+            must_be(
+                "train_fn's return value", "a pandas DataFrame or None", _Seen(f"a {type(history).__name__}")
+            )
+        )
     save_checkpoint(model, path, **metadata, history=history)
     return model, history, False
 
