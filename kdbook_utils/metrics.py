@@ -13,7 +13,10 @@ Conventions, since papers mix them:
   products are counted, which is where nearly all the work is: BatchNorm, ReLU, pooling, additions and
   biases are not counted.
 
-The accuracy helpers are pure tensor code: they accept logits ``(N, C)`` or predicted labels ``(N,)``.
+The accuracy helpers are pure tensor code: they accept logits ``(N, C)`` or predicted labels ``(N,)``
+with integer labels ``(N,)``, and report accuracy **in percent** (0 to 100), the one unit the package
+uses for accuracy everywhere. Labels outside ``[0, C - 1]``, NaN logits, float labels and mismatched
+lengths are errors, never a quietly wrong score.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdbook_utils.errors import Seen, check_int, must_be
 from kdbook_utils.features import eval_mode, zeros_input
 
 
@@ -112,39 +116,142 @@ def compare_models(
     return table
 
 
-def _predictions(logits_or_preds: Tensor, labels: Tensor) -> Tensor:
-    """Predicted labels ``(N,)`` from logits ``(N, C)`` (argmax) or from labels already predicted."""
+def _as_tensor(what: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            must_be(
+                what,
+                "a torch.Tensor",
+                Seen(f"a {type(value).__name__}"),
+                "Convert it with torch.as_tensor(...).",
+            )
+        )
+    return value
+
+
+def _predictions(
+    logits_or_preds: Tensor, labels: Tensor, num_classes: int | None = None
+) -> tuple[Tensor, Tensor, int | None]:
+    """``(predictions, labels, classes)``, all checked: predicted labels ``(N,)`` from logits ``(N, C)``
+    (argmax) or as given, integer labels ``(N,)``, and the class count if known (``C`` or
+    ``num_classes``); every label and prediction lies in ``[0, classes - 1]``."""
+    _as_tensor("logits_or_preds", logits_or_preds)
+    labels = _as_tensor("labels", labels)
+    shape = tuple(logits_or_preds.shape)
     if logits_or_preds.dim() == 2:
+        if not logits_or_preds.is_floating_point():
+            raise TypeError(
+                must_be(
+                    "logits (N, C)",
+                    "floating-point",
+                    Seen(f"dtype {logits_or_preds.dtype}"),
+                    "Pass the model's output, or predicted labels of shape (N,).",
+                )
+            )
+        if num_classes is not None and shape[1] != num_classes:
+            raise ValueError(
+                must_be(
+                    f"The logits' class count for num_classes={num_classes}",
+                    str(num_classes),
+                    Seen(f"logits of shape {shape}"),
+                    "Pass the num_classes of the model that made them.",
+                )
+            )
+        nan_rows = torch.isnan(logits_or_preds).any(dim=1).nonzero()
+        if len(nan_rows):
+            raise ValueError(
+                must_be(
+                    "logits",
+                    "free of NaN",
+                    Seen(
+                        f"NaN in {len(nan_rows)} of {shape[0]} rows (the first is row {nan_rows[0].item()})"
+                    ),
+                    "The model diverged or its input holds NaN: check the data, lower the learning rate.",
+                )
+            )
         predictions = logits_or_preds.argmax(dim=1)
+        num_classes = shape[1]
     elif logits_or_preds.dim() == 1:
+        if logits_or_preds.is_floating_point() or logits_or_preds.dtype == torch.bool:
+            raise TypeError(
+                must_be(
+                    "Predicted labels (N,)",
+                    "integer class indices",
+                    Seen(f"dtype {logits_or_preds.dtype}"),
+                    "Pass logits as (N, C), or predictions.long() if they hold whole numbers.",
+                )
+            )
         predictions = logits_or_preds.long()
     else:
         raise ValueError(
-            f"Expected logits (N, C) or predicted labels (N,), got shape {tuple(logits_or_preds.shape)}."
+            must_be(
+                "logits_or_preds",
+                "logits (N, C) or predicted labels (N,)",
+                Seen(f"shape {shape}"),
+                "Flatten extra dimensions, e.g. logits.reshape(-1, num_classes).",
+            )
         )
     if labels.dim() != 1 or labels.shape[0] != predictions.shape[0]:
         raise ValueError(
-            f"labels must have shape ({predictions.shape[0]},) to match the predictions, "
-            f"got {tuple(labels.shape)}."
+            must_be(
+                "labels",
+                f"of shape ({predictions.shape[0]},), one per prediction",
+                Seen(f"shape {tuple(labels.shape)}"),
+                "Pass the labels of the same samples, in the same order.",
+            )
         )
-    return predictions
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(
+            must_be("labels", "integer class indices", Seen(f"dtype {labels.dtype}"), "Use labels.long().")
+        )
+    if predictions.shape[0] == 0:
+        raise ValueError(must_be("The number of samples", "at least 1", 0, "Pass a non-empty batch."))
+    labels = labels.long().to(predictions.device)
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        low, high = values.min().item(), values.max().item()
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            bad = low if low < 0 else high
+            valid = f"[0, {num_classes - 1}]" if num_classes is not None else "non-negative"
+            raise ValueError(
+                must_be(
+                    f"Every one of the {name}",
+                    f"a class index in {valid}" if num_classes is not None else "a non-negative class index",
+                    Seen(f"{bad} (the {name} range from {low} to {high})"),
+                    "Check that the model was created for the data set's number of classes"
+                    + (f" (num_classes={num_classes})." if num_classes is not None else "."),
+                )
+            )
+    return predictions, labels, num_classes
 
 
-def accuracy(logits_or_preds: Tensor, labels: Tensor, top_k: int = 1) -> float:
-    """Fraction of samples whose label is among the ``top_k`` highest logits (``top_k=1``: argmax).
+def accuracy(
+    logits_or_preds: Tensor, labels: Tensor, top_k: int = 1, num_classes: int | None = None
+) -> float:
+    """Percentage (0 to 100) of samples whose label is among the ``top_k`` highest logits (``top_k=1``:
+    the argmax).
 
-    Accepts logits ``(N, C)`` or, for ``top_k=1`` only, predicted labels ``(N,)``.
+    Accepts logits ``(N, C)`` or, for ``top_k=1`` only, predicted labels ``(N,)``; labels are integer class
+    indices ``(N,)`` in ``[0, C - 1]``. With predicted labels the class count is unknown, so pass
+    ``num_classes`` to have labels out of range refused there too.
     """
+    predictions, labels, classes = _predictions(logits_or_preds, labels, num_classes)
     if top_k == 1:
-        predictions = _predictions(logits_or_preds, labels)
-        return (predictions == labels.to(predictions.device)).float().mean().item()
-    if logits_or_preds.dim() != 2 or not 1 <= top_k <= logits_or_preds.shape[1]:
+        correct = (predictions == labels).sum().item()
+        return 100.0 * correct / labels.shape[0]
+    if logits_or_preds.dim() != 2:
         raise ValueError(
-            f"top_k={top_k} needs logits (N, C) with C >= {top_k}, got shape {tuple(logits_or_preds.shape)}."
+            must_be(
+                f"The input of accuracy(top_k={top_k})",
+                "logits (N, C)",
+                Seen(f"predicted labels of shape {tuple(logits_or_preds.shape)}"),
+                "Top-k accuracy needs every class's score: pass the logits.",
+            )
         )
-    _predictions(logits_or_preds, labels)  # validates the shapes
+    assert classes is not None
+    check_int("top_k", top_k, minimum=1, maximum=classes, fix=f"The logits have {classes} classes.")
     top = logits_or_preds.topk(top_k, dim=1).indices
-    return (top == labels.to(top.device).unsqueeze(1)).any(dim=1).float().mean().item()
+    correct = (top == labels.unsqueeze(1)).any(dim=1).sum().item()
+    return 100.0 * correct / labels.shape[0]
 
 
 def confusion_matrix(logits_or_preds: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -153,19 +260,14 @@ def confusion_matrix(logits_or_preds: Tensor, labels: Tensor, num_classes: int) 
     Rows are true classes and columns predictions (scikit-learn's convention), so the diagonal holds the
     correct predictions and each row sums to that class's number of samples.
     """
-    predictions = _predictions(logits_or_preds, labels).cpu()
-    labels = labels.long().cpu()
-    for name, values in (("labels", labels), ("predictions", predictions)):
-        if values.numel() and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(
-                f"{name} must lie in [0, {num_classes - 1}] for num_classes={num_classes}, "
-                f"found values from {values.min().item()} to {values.max().item()}."
-            )
-    flat = labels * num_classes + predictions
+    check_int("num_classes", num_classes, minimum=1, fix="It is the number of classes, e.g. 10 for CIFAR-10.")
+    predictions, labels, _ = _predictions(logits_or_preds, labels, num_classes)
+    flat = labels.cpu() * num_classes + predictions.cpu()
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def per_class_accuracy(logits_or_preds: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """Accuracy within each true class (its recall), shape ``(num_classes,)``; NaN for absent classes."""
+    """Accuracy within each true class (its recall) in percent, shape ``(num_classes,)``; NaN for classes
+    with no sample."""
     matrix = confusion_matrix(logits_or_preds, labels, num_classes).double()
-    return matrix.diagonal() / matrix.sum(dim=1)
+    return 100.0 * matrix.diagonal() / matrix.sum(dim=1)

@@ -128,18 +128,35 @@ def test_compare_models_on_the_spec_pair() -> None:
     assert round(table.loc["resnet8", "computation_ratio"], 2) == 5.53
 
 
-def test_accuracy() -> None:
+def test_accuracy_is_in_percent() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [0.5, 0.1, 0.2], [0.0, 2.0, 1.0]])
     labels = torch.tensor([0, 1, 0, 2])
-    # argmax = [0, 2, 0, 1]: rows 0 and 2 are right.
-    assert accuracy(logits, labels) == 0.5
-    assert accuracy(logits.argmax(dim=1), labels) == 0.5
+    # argmax = [0, 2, 0, 1]: rows 0 and 2 are right, 2 of 4 = 50 %.
+    assert accuracy(logits, labels) == 50.0
+    assert accuracy(logits.argmax(dim=1), labels) == 50.0
     # top-2: row 1's second best is class 1 (right), row 3's is class 2 (right).
-    assert accuracy(logits, labels, top_k=2) == 1.0
-    with pytest.raises(ValueError, match="labels must have shape"):
+    assert accuracy(logits, labels, top_k=2) == 100.0
+    assert accuracy(logits[:3], labels[:3]) == pytest.approx(200 / 3)  # 2 of 3
+    assert accuracy(logits.double(), labels.int()) == 50.0  # any float logits, any integer labels
+    with pytest.raises(
+        ValueError, match=r"labels must be of shape \(4,\), one per prediction; got shape \(3,\)"
+    ):
         accuracy(logits, labels[:3])
-    with pytest.raises(ValueError, match="top_k=4"):
+    with pytest.raises(ValueError, match="top_k must be an integer from 1 to 3; got 4"):
         accuracy(logits, labels, top_k=4)
+
+
+def test_accuracy_refuses_labels_the_model_cannot_predict() -> None:
+    # A label 12 on a 10-class model is an error, as in confusion_matrix, not a silent miss.
+    logits = torch.zeros(3, 10)
+    with pytest.raises(ValueError, match=r"class index in \[0, 9\]; got 12 .*num_classes=10"):
+        accuracy(logits, torch.tensor([1, 12, 3]))
+    with pytest.raises(ValueError, match="got -1"):
+        accuracy(logits, torch.tensor([1, -1, 3]))
+    predictions = torch.tensor([1, 2, 3])
+    assert accuracy(predictions, torch.tensor([1, 12, 3])) == pytest.approx(200 / 3)  # no class count known
+    with pytest.raises(ValueError, match="got 12"):
+        accuracy(predictions, torch.tensor([1, 12, 3]), num_classes=10)
 
 
 def test_confusion_matrix_and_per_class_accuracy() -> None:
@@ -149,12 +166,16 @@ def test_confusion_matrix_and_per_class_accuracy() -> None:
     expected = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]])
     assert torch.equal(matrix, expected)
     per_class = per_class_accuracy(predictions, labels, num_classes=4)
-    assert per_class[:3].tolist() == pytest.approx([0.5, 1.0, 2 / 3])
+    assert per_class[:3].tolist() == pytest.approx([50.0, 100.0, 200 / 3])  # percent
     assert math.isnan(per_class[3].item())  # no sample of class 3
     logits = nn.functional.one_hot(predictions, 4).float()
     assert torch.equal(confusion_matrix(logits, labels, 4), expected)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\] for num_classes=2"):
+    with pytest.raises(ValueError, match=r"labels must be a class index in \[0, 1\]; got 2"):
         confusion_matrix(predictions, labels, num_classes=2)
+    with pytest.raises(
+        ValueError, match=r"class count for num_classes=3 must be 3; got logits of shape \(6, 4\)"
+    ):
+        confusion_matrix(logits, labels, num_classes=3)
 
 
 def test_confusion_matrix_agrees_with_scikit_learn() -> None:
@@ -164,4 +185,4 @@ def test_confusion_matrix_agrees_with_scikit_learn() -> None:
     ours = confusion_matrix(logits, labels, 5)
     theirs = sklearn_confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), labels=range(5))
     assert ours.tolist() == theirs.tolist()
-    assert ours.trace().item() / 200 == pytest.approx(accuracy(logits, labels))
+    assert 100 * ours.trace().item() / 200 == pytest.approx(accuracy(logits, labels))
