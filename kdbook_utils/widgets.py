@@ -9,6 +9,8 @@ the cell's last line to show it (like any widget), or pass the result to ``displ
 from __future__ import annotations
 
 import html
+import inspect
+import math
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
@@ -21,6 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import nn
 
+from kdbook_utils.errors import Seen, closest, must_be
+
 __all__ = ["InteractiveFigure", "interactive_figure", "layer_dropdown", "layer_options", "make_control"]
 
 PlotFunction = Callable[..., Union[Figure, Axes]]
@@ -31,9 +35,14 @@ def make_control(name: str, spec: Any) -> widgets.ValueWidget:
 
     * a widget: used as it is;
     * a list of values, or of ``(label, value)`` pairs: a dropdown starting at the first;
+    * ``(options, default)`` with ``options`` a list: a dropdown starting at ``default``;
     * ``(min, max)``, ``(min, max, step)`` or ``(min, max, step, value)`` numbers: a slider (integer
       when all are integers) starting at ``value`` or the middle;
     * ``True`` / ``False``: a checkbox.
+
+    A default outside the slider's range, a step larger than the range, a bound that is NaN or infinite,
+    an empty option list or a default that is not among the options is an error (ipywidgets would
+    silently clamp or pick something else).
     """
     style = {"description_width": "initial"}
     if isinstance(spec, widgets.ValueWidget):
@@ -47,24 +56,91 @@ def make_control(name: str, spec: Any) -> widgets.ValueWidget:
         and 2 <= len(spec) <= 4
         and all(isinstance(part, Real) and not isinstance(part, bool) for part in spec)
     ):
-        low, high = spec[0], spec[1]
-        if high <= low:
-            raise ValueError(f"Control {name!r}: slider range ({low}, {high}) needs max > min.")
-        integer = all(isinstance(part, int) for part in spec)
-        step = spec[2] if len(spec) >= 3 else (1 if integer else (high - low) / 100)
-        if len(spec) == 4:
-            value = spec[3]
-        else:
-            value = low + round((high - low) / 2 / step) * step
-        slider = widgets.IntSlider if integer else widgets.FloatSlider
-        return slider(
-            value=value, min=low, max=high, step=step, description=name, continuous_update=False, style=style
-        )
-    if isinstance(spec, (list, tuple)) and len(spec) > 0:
+        return _slider(name, spec, style)
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], list):
+        options, default = spec
+        values = _option_values(name, options)
+        if default not in values:
+            raise ValueError(
+                must_be(
+                    f"The default of control {name!r}",
+                    f"one of its options {values}",
+                    default,
+                    "Pick one of them, or add it to the list.",
+                )
+            )
+        return widgets.Dropdown(options=options, value=default, description=name, style=style)
+    if isinstance(spec, (list, tuple)):
+        _option_values(name, list(spec))
         return widgets.Dropdown(options=list(spec), description=name, style=style)
     raise TypeError(
-        f"Control {name!r}: cannot make a widget from {spec!r}. Give a widget, a non-empty list of options, "
-        "a (min, max[, step[, value]]) tuple of numbers, or True/False."
+        must_be(
+            f"Control {name!r}",
+            "a widget, a list of options, (options, default), (min, max[, step[, value]]) or True/False",
+            spec,
+            "For example layer=['stage1', 'stage2'] or T=(1, 20, 1, 4).",
+        )
+    )
+
+
+def _option_values(name: str, options: list[Any]) -> list[Any]:
+    """The values of a dropdown's options (the second item of ``(label, value)`` pairs); never empty."""
+    if not options:
+        raise ValueError(
+            must_be(f"The option list of control {name!r}", "non-empty", options, "Give at least one option.")
+        )
+    return [option[1] if isinstance(option, tuple) and len(option) == 2 else option for option in options]
+
+
+def _slider(name: str, spec: tuple[Real, ...], style: dict[str, str]) -> widgets.ValueWidget:
+    """An integer or float slider from ``(min, max[, step[, value]])``, every part checked."""
+    for part_name, part in zip(("min", "max", "step", "default"), spec):
+        if not math.isfinite(part):
+            raise ValueError(
+                must_be(
+                    f"The {part_name} of control {name!r}",
+                    "a finite number",
+                    part,
+                    "For example T=(1, 20, 1, 4).",
+                )
+            )
+    low, high = spec[0], spec[1]
+    if high <= low:
+        raise ValueError(
+            must_be(
+                f"The slider range (min, max) of control {name!r}",
+                "max > min",
+                Seen(f"({low}, {high})"),
+                f"Swap them: ({high}, {low})." if high < low else "Widen the range.",
+            )
+        )
+    integer = all(isinstance(part, int) for part in spec)
+    step = spec[2] if len(spec) >= 3 else (1 if integer else (high - low) / 100)
+    if step <= 0 or step > high - low:
+        raise ValueError(
+            must_be(
+                f"The step of control {name!r}",
+                f"> 0 and at most the range max - min = {high - low}",
+                step,
+                f"For example ({low}, {high}, {1 if integer else (high - low) / 10}).",
+            )
+        )
+    if len(spec) == 4:
+        value = spec[3]
+        if not low <= value <= high:
+            raise ValueError(
+                must_be(
+                    f"The default of control {name!r}",
+                    f"within the slider's range [{low}, {high}]",
+                    value,
+                    "Move it inside, or widen the range (a slider would silently clamp it).",
+                )
+            )
+    else:
+        value = low + round((high - low) / 2 / step) * step
+    slider = widgets.IntSlider if integer else widgets.FloatSlider
+    return slider(
+        value=value, min=low, max=high, step=step, description=name, continuous_update=False, style=style
     )
 
 
@@ -146,8 +222,56 @@ def interactive_figure(plot_fn: PlotFunction, **controls: Any) -> InteractiveFig
     The figure for the default values is drawn at once; leave the call as the cell's last line (or
     ``display`` the result) to show the controls and the figure.
     """
+    _check_plot_function(plot_fn, controls)
     built = {name: make_control(name, spec) for name, spec in controls.items()}
     return InteractiveFigure(plot_fn, built)
+
+
+def _function_name(function: Any) -> str:
+    return getattr(function, "__name__", type(function).__name__)
+
+
+def _check_plot_function(plot_fn: PlotFunction, controls: Mapping[str, Any]) -> None:
+    """Every control names a parameter of ``plot_fn``, and every parameter without a default has one."""
+    if not callable(plot_fn):
+        raise TypeError(
+            must_be("plot_fn", "a function that draws a figure", Seen(f"a {type(plot_fn).__name__}"))
+        )
+    try:
+        parameters = inspect.signature(plot_fn).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return
+    kinds = {parameter.kind for parameter in parameters.values()}
+    keywords = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        for name in controls:
+            if name not in keywords:
+                raise TypeError(
+                    must_be(
+                        "Each control",
+                        f"a parameter of {_function_name(plot_fn)} ({', '.join(keywords)})",
+                        name,
+                        f"Rename the control or add the parameter.{closest(name, keywords)}",
+                    )
+                )
+    missing = [
+        name
+        for name in keywords
+        if parameters[name].default is inspect.Parameter.empty and name not in controls
+    ]
+    if missing:
+        raise TypeError(
+            must_be(
+                f"Every parameter of {_function_name(plot_fn)} without a default",
+                "given a control",
+                Seen(f"no control for {', '.join(repr(name) for name in missing)}"),
+                f"Add e.g. {missing[0]}=[...] or give the parameter a default value.",
+            )
+        )
 
 
 def _shape_text(shape: Any) -> str:
@@ -196,7 +320,14 @@ def layer_dropdown(
     options = layer_options(model, input_shape, feature_points_only)
     names = [name for _, name in options]
     if value is not None and value not in names:
-        raise ValueError(f"Layer {value!r} is not one of the choices: {', '.join(names)}.")
+        raise ValueError(
+            must_be(
+                "The layer_dropdown value",
+                f"one of the choices: {', '.join(names)}",
+                value,
+                f"Pick one of them, or pass feature_points_only=False for every layer.{closest(value, names)}",
+            )
+        )
     return widgets.Dropdown(
         options=options,
         value=value if value is not None else names[0],

@@ -62,12 +62,60 @@ def test_make_control_follows_the_interact_abbreviations() -> None:
 
 
 def test_make_control_rejects_what_it_cannot_build() -> None:
-    with pytest.raises(TypeError, match="Control 'x': cannot make a widget from"):
+    with pytest.raises(TypeError, match=r"Control 'x' must be a widget, a list of options.*got \{'a': 1\}"):
         make_control("x", {"a": 1})
-    with pytest.raises(TypeError, match="cannot make a widget"):
+    with pytest.raises(ValueError, match=r"The option list of control 'x' must be non-empty; got \[\]"):
         make_control("x", [])
-    with pytest.raises(ValueError, match="needs max > min"):
+    with pytest.raises(ValueError, match=r"must be max > min; got \(5, 1\)\. Swap them: \(1, 5\)"):
         make_control("x", (5, 1))
+
+
+def test_a_dropdown_can_start_at_a_chosen_default() -> None:
+    dropdown = make_control("layer", (["stage1", "stage2", "stage3"], "stage2"))
+    assert isinstance(dropdown, widgets.Dropdown) and dropdown.value == "stage2"
+    labelled = make_control("T", ([("T = 1", 1), ("T = 4", 4)], 4))
+    assert labelled.value == 4 and labelled.label == "T = 4"
+    with pytest.raises(
+        ValueError, match=r"default of control 'x' must be one of its options \['a', 'b'\]; got 'c'"
+    ):
+        make_control("x", (["a", "b"], "c"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ((1, 20, 1, 25), r"default of control 'x' must be within the slider's range \[1, 20\]; got 25"),
+        (
+            (0.0, 1.0, 0.1, -0.5),
+            r"default of control 'x' must be within the slider's range \[0.0, 1.0\]; got -0.5",
+        ),
+        ((1, 5, 10), r"step of control 'x' must be > 0 and at most the range max - min = 4; got 10"),
+        ((0.0, 1.0, 0.0), r"step of control 'x' must be > 0 .*; got 0.0"),
+        ((float("nan"), 1.0), r"The min of control 'x' must be a finite number; got nan"),
+        ((0.0, float("inf")), r"The max of control 'x' must be a finite number; got inf"),
+    ],
+)
+def test_slider_values_ipywidgets_would_silently_clamp_are_refused(spec: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_control("x", spec)
+
+
+def test_controls_must_match_the_plot_function() -> None:
+    with pytest.raises(
+        TypeError, match=r"a parameter of RecordingPlot.*\(scale, label\); got 'scal'.*'scale'"
+    ):
+        interactive_figure(RecordingPlot(), scal=(0.0, 4.0))
+
+    def needs_layer(layer: str, scale: float = 1.0) -> Figure:
+        return RecordingPlot()(scale)
+
+    with pytest.raises(
+        TypeError, match=r"without a default must be given a control; got no control for 'layer'"
+    ):
+        interactive_figure(needs_layer, scale=(0.0, 2.0))
+    with pytest.raises(TypeError, match="plot_fn must be a function"):
+        interactive_figure("not a function", scale=(0.0, 2.0))  # type: ignore[arg-type]
+    assert interactive_figure(lambda **values: RecordingPlot()(**values), scale=(0.0, 2.0)).draws == 1
 
 
 # ------------------------------------------------------------------------------------- interactive_figure
@@ -181,7 +229,7 @@ def test_layer_dropdown_labels_feature_points_with_shapes() -> None:
 
 def test_layer_dropdown_errors_name_the_choices() -> None:
     model = create_model("resnet20", 10)
-    with pytest.raises(ValueError, match="'stage9' is not one of the choices: stem, stage1, stage2, stage3"):
+    with pytest.raises(ValueError, match="one of the choices: stem, stage1, stage2, stage3; got 'stage9'"):
         layer_dropdown(model, (3, 32, 32), value="stage9")
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(ValueError, match="no feature points"):
