@@ -75,7 +75,7 @@ def test_a_result_shows_its_table() -> None:
 def test_assert_passed_raises_with_the_feedback_only_when_not_passed() -> None:
     exercise = Exercise("demo-exercise", "Exercise 0: a demo")
     assert exercise.correct("Fine.").assert_passed() is None
-    with pytest.raises(AssertionError, match=r"Exercise 0: a demo: Not yet\. Swap the arguments\."):
+    with pytest.raises(AssertionError, match=r"^Not yet\. Swap the arguments\.$"):
         exercise.incorrect("Swap the arguments.").assert_passed()
     with pytest.raises(AssertionError, match="Not done yet"):
         exercise.not_done("Write it.").assert_passed()
@@ -140,15 +140,23 @@ def test_check_kd_loss_reports_an_unfinished_answer_as_not_done(stub: Callable) 
 def test_high_temperature_prediction_check() -> None:
     assert_result(check_high_temperature_prediction("uniform", "levels off"), "correct", "logit-matching")
     assert_result(check_high_temperature_prediction(" Uniform", "LEVELS OFF "), "correct")
-    assert_result(check_high_temperature_prediction("one-hot", "levels off"), "incorrect", "uniform (1/C each)")
-    assert_result(check_high_temperature_prediction("unchanged", "levels off"), "incorrect", "uniform")
-    assert_result(check_high_temperature_prediction("uniform", "goes to zero"), "incorrect", "T^2 factor cancels")
     assert_result(
-        check_high_temperature_prediction("uniform", "grows without bound"), "incorrect", "shrinks exactly as fast"
+        check_high_temperature_prediction("one-hot", "levels off"), "incorrect", "uniform (1/C each)"
+    )
+    assert_result(check_high_temperature_prediction("unchanged", "levels off"), "incorrect", "uniform")
+    assert_result(
+        check_high_temperature_prediction("uniform", "goes to zero"), "incorrect", "T^2 factor cancels"
+    )
+    assert_result(
+        check_high_temperature_prediction("uniform", "grows without bound"),
+        "incorrect",
+        "shrinks exactly as fast",
     )
     both = assert_result(check_high_temperature_prediction("one-hot", "goes to zero"), "incorrect")
     assert "Soft targets" in both.feedback and "kd_loss" in both.feedback
-    assert_result(check_high_temperature_prediction("blurry", "levels off"), "incorrect", "not one of the choices")
+    assert_result(
+        check_high_temperature_prediction("blurry", "levels off"), "incorrect", "not one of the choices"
+    )
     assert_result(check_high_temperature_prediction(None, None), "not done", "soft targets")
     assert_result(check_high_temperature_prediction("uniform", None), "not done", "kd_loss")
     assert_result(check_high_temperature_prediction("", "levels off"), "not done")
@@ -305,7 +313,9 @@ def right_fsp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 FSP_MISTAKES: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {
-    "forgot to divide by the number of spatial positions H*W": lambda a, b: torch.einsum("nihw,njhw->nij", a, b),
+    "forgot to divide by the number of spatial positions H*W": lambda a, b: torch.einsum(
+        "nihw,njhw->nij", a, b
+    ),
     "divided by the number of channels": lambda a, b: torch.einsum("nihw,njhw->nij", a, b) / a.shape[1],
     "divided by H*W*C": lambda a, b: right_fsp(a, b) / a.shape[1],
     "swapped": lambda a, b: right_fsp(b, a),
@@ -329,7 +339,13 @@ def test_check_fsp_matrix_reports_an_unfinished_answer_as_not_done(stub: Callabl
     assert_result(check_fsp_matrix(stub), "not done")
 
 
-CROSS_TWO = [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3"), ("stem", "stage2"), ("stage1", "stage3")]
+CROSS_TWO = [
+    ("stem", "stage1"),
+    ("stage1", "stage2"),
+    ("stage2", "stage3"),
+    ("stem", "stage2"),
+    ("stage1", "stage3"),
+]
 
 
 def test_check_cross_two_layers_accepts_the_cumulative_pairs_in_any_order() -> None:
@@ -363,7 +379,7 @@ def test_check_cross_two_layers_reports_no_pairs_as_not_done(unfinished: Any) ->
 # ------------------------------------------------------------------------------------------ lesson 4: MSKD
 
 
-def right_exit_loss(z, y, t, temperature, alpha, beta):  # noqa: ANN001, ANN201 (as a learner writes it)
+def right_exit_loss(z, y, t, temperature, alpha, beta):
     kl = F.kl_div(F.log_softmax(z / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean")
     return alpha * F.cross_entropy(z, y) + beta * temperature**2 * kl
 
@@ -423,7 +439,9 @@ def test_check_threshold_for_budget() -> None:
     assert_result(
         check_threshold_for_budget(0.0, exits, labels, macs, 30.0e6), "incorrect", "try a higher threshold"
     )
-    assert_result(check_threshold_for_budget(0.5, exits, labels, macs, 5.0e6), "incorrect", "No threshold meets")
+    assert_result(
+        check_threshold_for_budget(0.5, exits, labels, macs, 5.0e6), "incorrect", "No threshold meets"
+    )
     assert_result(check_threshold_for_budget("high", exits, labels, macs, 30.0e6), "incorrect", "a number")
     assert_result(check_threshold_for_budget(90, exits, labels, macs, 30.0e6), "incorrect", "divided by 100")
     assert_result(check_threshold_for_budget(np.float32(0.9), exits, labels, macs, 20.0e6), "correct")
@@ -496,11 +514,17 @@ def test_a_warning_from_the_learners_code_stays_off_stderr(capfd: pytest.Capture
 @pytest.mark.parametrize("module", sorted(path.name for path in EXERCISES.glob("*.py")))
 def test_checks_return_results_instead_of_printing_or_raising(module: str) -> None:
     tree = ast.parse((EXERCISES / module).read_text())
-    calls = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    calls = {
+        node.func.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    }
     assert "print" not in calls, "a check returns its feedback in a CheckResult instead of printing it"
     raises = [node for node in ast.walk(tree) if isinstance(node, ast.Raise)]
     assert module == "result.py" or not raises, "a check never raises: return a 'not yet' result instead"
-    checks = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("check_")]
+    checks = [
+        node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("check_")
+    ]
     for check in checks:
         assert ast.unparse(check.returns) == "CheckResult", f"{check.name} must return a CheckResult"
         decorators = [ast.unparse(decorator) for decorator in check.decorator_list]

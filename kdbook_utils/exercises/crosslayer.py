@@ -15,7 +15,13 @@ from torch import Tensor
 from kdbook_utils.exercises.result import CheckResult, Exercise, never_raises
 from kdbook_utils.methods.crosslayer import cross_layer_pairs, fsp_matrix
 
-__all__ = ["CROSS_TWO_LAYERS", "FSP_MATRIX", "RESNET_CHECKPOINTS", "check_cross_two_layers", "check_fsp_matrix"]
+__all__ = [
+    "CROSS_TWO_LAYERS",
+    "FSP_MATRIX",
+    "RESNET_CHECKPOINTS",
+    "check_cross_two_layers",
+    "check_fsp_matrix",
+]
 
 FSPFunction = Callable[[Tensor, Tensor], Tensor]
 
@@ -23,7 +29,9 @@ FSPFunction = Callable[[Tensor, Tensor], Tensor]
 RESNET_CHECKPOINTS: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3")
 
 FSP_MATRIX = Exercise("crosslayer-fsp-matrix", "Lesson 3, exercise 1: an FSP matrix")
-CROSS_TWO_LAYERS = Exercise("crosslayer-cross-two-layers", 'Lesson 3, exercise 2: the pairs of "cross two layers"')
+CROSS_TWO_LAYERS = Exercise(
+    "crosslayer-cross-two-layers", 'Lesson 3, exercise 2: the pairs of "cross two layers"'
+)
 
 
 def _fsp_mistakes(a: Tensor, b: Tensor) -> list[tuple[str, Callable[[], Tensor]]]:
@@ -87,13 +95,19 @@ def check_cross_two_layers(
     does not matter.
     """
     if pairs is None or pairs is ...:
-        return CROSS_TWO_LAYERS.not_done("List the pairs as (earlier, later) tuples, e.g. [('stem', 'stage1'), ...].")
+        return CROSS_TWO_LAYERS.not_done(
+            "List the pairs as (earlier, later) tuples, e.g. [('stem', 'stage1'), ...]."
+        )
     if isinstance(pairs, (str, bytes)):
-        return CROSS_TWO_LAYERS.incorrect("Give a list of (earlier, later) pairs, e.g. [('stem', 'stage1'), ...].")
+        return CROSS_TWO_LAYERS.incorrect(
+            "Give a list of (earlier, later) pairs, e.g. [('stem', 'stage1'), ...]."
+        )
     try:
         given = {tuple(pair) for pair in pairs}
     except TypeError:
-        return CROSS_TWO_LAYERS.incorrect("Give a list of (earlier, later) pairs, e.g. [('stem', 'stage1'), ...].")
+        return CROSS_TWO_LAYERS.incorrect(
+            "Give a list of (earlier, later) pairs, e.g. [('stem', 'stage1'), ...]."
+        )
     if not given:
         return CROSS_TWO_LAYERS.not_done("Your list is empty: add the (earlier, later) pairs.")
     if any(len(pair) != 2 or isinstance(pair, str) for pair in given):
@@ -101,7 +115,9 @@ def check_cross_two_layers(
     points = list(points)
     unknown = sorted({str(name) for pair in given for name in pair if name not in points})
     if unknown:
-        return CROSS_TWO_LAYERS.incorrect(f"Unknown checkpoint name(s) {unknown}; the checkpoints are {points}.")
+        return CROSS_TWO_LAYERS.incorrect(
+            f"Unknown checkpoint name(s) {unknown}; the checkpoints are {points}."
+        )
     reversed_pairs = [pair for pair in given if points.index(pair[0]) > points.index(pair[1])]
     if reversed_pairs:
         return CROSS_TWO_LAYERS.incorrect(

@@ -176,8 +176,13 @@ def _describe(
 ) -> str:
     """``"teacher conv4, fc1 and student conv2, fc1"``, with each layer's LSP when the tables are given."""
     sides = []
-    for side, layers, table in (("teacher", bound[0::2], teacher_table), ("student", bound[1::2], student_table)):
-        named = [layer if table is None else f"{layer} {float(table.loc[layer, 'LSP']):.3f}" for layer in layers]
+    for side, layers, table in (
+        ("teacher", bound[0::2], teacher_table),
+        ("student", bound[1::2], student_table),
+    ):
+        named = [
+            layer if table is None else f"{layer} {float(table.loc[layer, 'LSP']):.3f}" for layer in layers
+        ]
         sides.append(f"{side} {', '.join(named)}")
     return " and ".join(sides)
 
@@ -214,7 +219,10 @@ def check_bindings(
         return BINDINGS.incorrect("Give one to three bindings, each a pair (teacher_layer, student_layer).")
     teacher_layers = _canonical_names([pair[0] for pair in pairs], teacher_table)
     student_layers = _canonical_names([pair[1] for pair in pairs], student_table)
-    for side, table, chosen in (("teacher", teacher_table, teacher_layers), ("student", student_table, student_layers)):
+    for side, table, chosen in (
+        ("teacher", teacher_table, teacher_layers),
+        ("student", student_table, student_layers),
+    ):
         unknown = [layer for layer in chosen if layer not in table.index]
         if unknown:
             return BINDINGS.incorrect(
@@ -233,7 +241,10 @@ def check_bindings(
             "order), as every configuration of the paper's Tables 4-8 does."
         )
     count = len(ordered)
-    lowest_teacher, lowest_student = _lowest_layers(teacher_table, count), _lowest_layers(student_table, count)
+    lowest_teacher, lowest_student = (
+        _lowest_layers(teacher_table, count),
+        _lowest_layers(student_table, count),
+    )
     chosen_teacher, chosen_student = [t for t, _ in ordered], [s for _, s in ordered]
     if chosen_teacher != lowest_teacher or chosen_student != lowest_student:
         return BINDINGS.incorrect(

@@ -10,6 +10,7 @@ still runs top to bottom.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -129,7 +130,7 @@ def check_threshold_for_budget(
             return THRESHOLD_FOR_BUDGET.incorrect(
                 f"Could not use threshold {threshold!r}: give a number between 0 and 1.01."
             )
-    if threshold != threshold:  # NaN
+    if math.isnan(threshold):
         return THRESHOLD_FOR_BUDGET.incorrect("The threshold is NaN: give a number between 0 and 1.01.")
     try:
         result = early_exit(exit_logits, threshold, exit_macs)
@@ -139,7 +140,9 @@ def check_threshold_for_budget(
     grid = [k / 200 for k in range(201)] + [1.01]
     sweep = threshold_sweep(exit_logits, labels, exit_macs, grid)
     affordable = sweep[sweep["mean_macs"] <= budget_macs]
-    measured = f"Threshold {threshold:g}: accuracy {accuracy:.2f} %, {mean / 1e6:.3g} M MACs per image on average."
+    measured = (
+        f"Threshold {threshold:g}: accuracy {accuracy:.2f} %, {mean / 1e6:.3g} M MACs per image on average."
+    )
     if affordable.empty:
         return THRESHOLD_FOR_BUDGET.incorrect(
             f"{measured} No threshold meets a budget of {budget_macs / 1e6:.3g} M MACs: even exit 1 alone "

@@ -93,17 +93,19 @@ class CheckResult:
 
             display(self)
         if not self.passed:
-            raise AssertionError(f"{self.title}: {self}")
+            raise AssertionError(str(self))
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(str(self))
 
     def _repr_html_(self) -> str:
         symbol, colour = _STYLE[self.status]
-        table = "" if self.table is None else self.table.to_html(index=False, float_format=lambda v: f"{v:.3f}")
+        table = (
+            "" if self.table is None else self.table.to_html(index=False, float_format=lambda v: f"{v:.3f}")
+        )
         return (
             f'<div class="kdbook-check kdbook-check-{self.status.replace(" ", "-")}" style="border-left: 4px '
-            f"solid {colour}; padding: 0.35em 0.8em; margin: 0.3em 0; background: {colour}14;\">"
+            f'solid {colour}; padding: 0.35em 0.8em; margin: 0.3em 0; background: {colour}14;">'
             f'<div><strong style="color: {colour}">{symbol} {html.escape(self.headline)}</strong> '
             f'<span style="opacity: 0.7; font-size: 0.9em">{html.escape(self.title)}</span></div>'
             f'<div style="white-space: pre-wrap">{html.escape(self.feedback)}</div>{table}</div>'
