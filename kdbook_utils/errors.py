@@ -42,8 +42,9 @@ class Seen(str):
 def describe(value: Any) -> str:
     """A short description of ``value`` for an error message.
 
-    Tensors and arrays are described by type, shape and dtype (never printed); other values by their
-    ``repr``, cut to 80 characters; a :class:`Seen` text is used as it is.
+    Tensors and arrays are described by type, shape and dtype (never printed), NumPy and 0-d tensor
+    scalars by their Python value; other values by their ``repr``, cut to 80 characters; a :class:`Seen`
+    text is used as it is.
     """
     if isinstance(value, Seen):
         return str(value)
@@ -51,8 +52,12 @@ def describe(value: Any) -> str:
     dtype = getattr(value, "dtype", None)
     if shape is not None and dtype is not None and len(shape) > 0:
         module = type(value).__module__
-        kind = "a tensor" if module.startswith("torch") else "a NumPy array" if module == "numpy" else "an array"
+        kind = (
+            "a tensor" if module.startswith("torch") else "a NumPy array" if module == "numpy" else "an array"
+        )
         return f"{kind} of shape {tuple(shape)} and dtype {dtype}"
+    if shape is not None and dtype is not None and hasattr(value, "item"):  # a NumPy or 0-d tensor scalar
+        value = value.item()
     text = repr(value)
     if len(text) > _MAX_SHOWN:
         text = text[: _MAX_SHOWN - 3] + "..."

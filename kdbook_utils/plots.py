@@ -24,6 +24,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from kdbook_utils.errors import Seen, describe, must_be
+
 __all__ = ["heatmap_grid", "image_grid", "plot_history", "results_bar", "summarize_runs"]
 
 #: Tick labels shown at most on one heatmap axis before they are thinned to every k-th label.
@@ -135,7 +137,7 @@ def plot_history(
                 )
         ax.set_xlabel("epoch")
         names = {"acc": "accuracy", "loss": "loss", "lr": "learning rate"}
-        ax.set_ylabel(names.get(metric, "accuracy" if _is_accuracy(metric) else f"{metric} loss"))
+        ax.set_ylabel("accuracy (%)" if _is_accuracy(metric) else names.get(metric, f"{metric} loss"))
         ax.set_title(names.get(metric, metric))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if as_percent:
@@ -170,8 +172,12 @@ def _as_matrix_list(matrices: Any) -> tuple[list[np.ndarray], int | None]:
             implied_columns = array.shape[1]
             return [matrix for row in array for matrix in row], implied_columns
         raise ValueError(
-            f"heatmap_grid got an array of shape {tuple(array.shape)}; expected (H, W), (N, H, W) or "
-            "(rows, cols, H, W)."
+            must_be(
+                "The matrices of heatmap_grid",
+                "an array shaped (H, W), (N, H, W) or (rows, cols, H, W)",
+                Seen(f"shape {tuple(array.shape)}"),
+                "Average over the batch or pick one sample first.",
+            )
         )
     flat: list[np.ndarray] = []
     for index, matrix in enumerate(matrices):
@@ -180,8 +186,12 @@ def _as_matrix_list(matrices: Any) -> tuple[list[np.ndarray], int | None]:
             array = array[0]  # a batch of one, e.g. a Gram matrix kept as (1, C1, C2)
         if array.ndim != 2:
             raise ValueError(
-                f"Matrix {index} has shape {tuple(array.shape)}; heatmap_grid draws 2-D matrices (H, W). "
-                "Average over the batch or pick one sample first."
+                must_be(
+                    f"Matrix {index}",
+                    "2-D (H, W)",
+                    Seen(f"shape {tuple(array.shape)}"),
+                    "Average over the batch or pick one sample first.",
+                )
             )
         flat.append(array.astype(float, copy=False))
     return flat, implied_columns
@@ -195,9 +205,20 @@ def _tick_positions(count: int, max_labels: int = MAX_TICK_LABELS) -> np.ndarray
 
 def _check_labels(labels: Sequence[str] | None, size: int, which: str, index: int) -> None:
     if labels is not None and len(labels) != size:
+        kind = which.split("_")[0]
         raise ValueError(
-            f"{which} has {len(labels)} labels but matrix {index} has {size} {which.split('_')[0]}s."
+            must_be(
+                which,
+                f"one name per {kind} of matrix {index} ({size} {kind}s)",
+                Seen(f"{len(labels)} names"),
+                f"Pass {size} names (e.g. the data set's classes), or leave {which} out.",
+            )
         )
+
+
+def _check_finite_limit(name: str, value: float | None) -> None:
+    if value is not None and not np.isfinite(value):
+        raise ValueError(must_be(name, "a finite number or None", value, "Leave it out to fit the data."))
 
 
 def heatmap_grid(
@@ -230,16 +251,44 @@ def heatmap_grid(
     """
     flat, implied_columns = _as_matrix_list(matrices)
     if not flat:
-        raise ValueError("heatmap_grid needs at least one matrix.")
+        raise ValueError(
+            must_be("matrices", "at least one matrix", matrices, "Pass e.g. [gram_teacher, gram_student].")
+        )
     count = len(flat)
     if titles is not None and len(titles) != count:
-        raise ValueError(f"Got {len(titles)} titles for {count} matrices; give one title per matrix.")
+        raise ValueError(
+            must_be(
+                "titles",
+                f"one title per matrix ({count})",
+                Seen(f"{len(titles)} titles"),
+                "Pass one title for each matrix, or leave titles out.",
+            )
+        )
     for index, matrix in enumerate(flat):
         _check_labels(row_labels, matrix.shape[0], "row_labels", index)
         _check_labels(col_labels, matrix.shape[1], "col_labels", index)
+        infinite = np.isinf(matrix)
+        if infinite.any():
+            row, column = np.argwhere(infinite)[0]
+            raise ValueError(
+                must_be(
+                    f"Matrix {index}",
+                    "finite or NaN (NaN cells are left blank), since an infinity has no colour",
+                    Seen(
+                        f"{matrix[row, column]} at [{row}, {column}] ({int(infinite.sum())} infinite cells)"
+                    ),
+                    "Replace them, e.g. torch.nan_to_num(m, posinf=float('nan')), or clip the values.",
+                )
+            )
+    for name, limit in (("vmin", vmin), ("vmax", vmax), ("center", center)):
+        _check_finite_limit(name, limit)
+    if vmin is not None and vmax is not None and vmin >= vmax:
+        raise ValueError(
+            must_be("vmin", f"smaller than vmax ({vmax})", vmin, "Swap them or widen the range.")
+        )
     columns = ncols or implied_columns or min(count, 4)
     if columns < 1:
-        raise ValueError(f"ncols must be at least 1, got {ncols}.")
+        raise ValueError(must_be("ncols", "at least 1", ncols, "Leave it out to fit up to 4 panels per row."))
     rows = math.ceil(count / columns)
 
     def norm_for(values: list[np.ndarray]) -> colors.Normalize:
@@ -336,12 +385,34 @@ def _displayable(images: Any, mean: Sequence[float] | None, std: Sequence[float]
         array = array[:, None]
     if array.ndim != 4:
         raise ValueError(
-            f"image_grid takes images shaped (N, C, H, W) or (N, H, W); got {tuple(array.shape)}."
+            must_be(
+                "images",
+                "shaped (N, C, H, W) or (N, H, W)",
+                Seen(f"shape {tuple(array.shape)}"),
+                "For one image, add a batch dimension: images[None].",
+            )
         )
     if array.shape[1] not in (1, 3) and array.shape[-1] in (1, 3):
         array = array.transpose(0, 3, 1, 2)  # channels-last input
     if array.shape[1] not in (1, 3):
-        raise ValueError(f"image_grid needs 1 or 3 channels; images have shape {tuple(array.shape)}.")
+        raise ValueError(
+            must_be(
+                "images",
+                "grey or RGB (1 or 3 channels)",
+                Seen(f"shape {tuple(array.shape)}"),
+                "Pick the channels to show, e.g. images[:, :3], or show feature maps with heatmap_grid.",
+            )
+        )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(np.argwhere(~np.isfinite(array))[0][0])
+        raise ValueError(
+            must_be(
+                "images",
+                "finite (a NaN or infinite pixel cannot be drawn)",
+                Seen(f"a non-finite value in image {bad}"),
+                "Check the data or the model that made them; torch.nan_to_num shows them anyway.",
+            )
+        )
     if array.dtype == np.uint8:
         pixels = array.astype(np.float32) / 255.0
     else:
@@ -363,6 +434,31 @@ def _displayable(images: Any, mean: Sequence[float] | None, std: Sequence[float]
             high = pixels.max(axis=(1, 2, 3), keepdims=True)
             pixels = (pixels - low) / np.maximum(high - low, 1e-12)
     return np.clip(pixels, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+def _class_indices(name: str, values: Any) -> np.ndarray:
+    """Integer class indices (a flat array) from labels or predictions; fractions and negatives refused."""
+    array = _to_numpy(values).ravel()
+    if array.size and (array.dtype.kind not in "iuf" or not np.all(np.isfinite(array))):
+        raise TypeError(
+            must_be(name, "class indices (integers)", values, "Pass integer labels, e.g. labels.long().")
+        )
+    if array.dtype.kind == "f" and not np.all(array == np.round(array)):
+        raise ValueError(
+            must_be(
+                name,
+                "whole numbers (class indices)",
+                values,
+                "Pass class indices, not scores or probabilities.",
+            )
+        )
+    if array.size and array.min() < 0:
+        raise ValueError(
+            must_be(
+                f"Every one of the {name}", "a class index >= 0", array.min(), "Class indices start at 0."
+            )
+        )
+    return array.astype(int)
 
 
 def image_grid(
@@ -387,23 +483,54 @@ def image_grid(
     pixels = _displayable(images, mean, std)
     count = len(pixels)
     if count == 0:
-        raise ValueError("image_grid got no images.")
-    label_array = None if labels is None else _to_numpy(labels).astype(int).ravel()
-    predicted = None if predictions is None else _to_numpy(predictions)
-    if predicted is not None and predicted.ndim == 2:
-        predicted = predicted.argmax(axis=1)  # logits or probabilities
+        raise ValueError(must_be("images", "at least one image", Seen("an empty batch"), "Pass a batch."))
+    label_array = None if labels is None else _class_indices("labels", labels)
+    predicted = None
+    if predictions is not None:
+        predicted = _to_numpy(predictions)
+        if predicted.ndim == 2:  # logits or probabilities: one column per class
+            if classes is not None and predicted.shape[1] != len(classes):
+                raise ValueError(
+                    must_be(
+                        "classes",
+                        f"one name per column of the predictions ({predicted.shape[1]} classes)",
+                        Seen(f"{len(classes)} names"),
+                        "Pass the data set's class names (e.g. dataset.classes).",
+                    )
+                )
+            predicted = predicted.argmax(axis=1)
+        else:
+            predicted = _class_indices("predictions", predicted)
     for name, values in (("labels", label_array), ("predictions", predicted)):
         if values is not None and len(values) != count:
-            raise ValueError(f"Got {len(values)} {name} for {count} images.")
+            raise ValueError(
+                must_be(
+                    name,
+                    f"one per image ({count})",
+                    Seen(f"{len(values)} {name}"),
+                    f"Pass the {name} of the same images, e.g. images[:n] with {name}[:n].",
+                )
+            )
     if predicted is not None and label_array is None:
-        raise ValueError("predictions are coloured by comparing them with labels: pass labels too.")
-    if (
-        classes is not None
-        and label_array is not None
-        and label_array.size
-        and label_array.max() >= len(classes)
-    ):
-        raise ValueError(f"Label {label_array.max()} has no name: classes lists only {len(classes)} names.")
+        raise ValueError(
+            must_be(
+                "labels",
+                "given with predictions",
+                None,
+                "Predictions are coloured by comparing them with labels: pass labels too.",
+            )
+        )
+    if classes is not None:
+        for name, values in (("labels", label_array), ("predictions", predicted)):
+            if values is not None and values.size and values.max() >= len(classes):
+                raise ValueError(
+                    must_be(
+                        f"Every one of the {name}",
+                        f"an index into classes (0 to {len(classes) - 1})",
+                        Seen(f"{values.max()}, which has no name in the {len(classes)} classes given"),
+                        "Pass every class name of the data set (e.g. dataset.classes).",
+                    )
+                )
 
     def name_of(index: int) -> str:
         return str(classes[index]) if classes is not None else str(index)
@@ -452,12 +579,25 @@ def summarize_runs(
     """Mean, standard deviation (over seeds, ddof=1) and run count of ``value`` per group ``by``.
 
     ``runs`` has one row per run, e.g. columns ``method, seed, accuracy``; groups keep their first-seen
-    order so a table reads in the order the lesson ran the methods.
+    order so a table reads in the order the lesson ran the methods. A NaN or infinite value (a diverged
+    run) is an error rather than a run silently left out of the mean.
     """
     keys = [by] if isinstance(by, str) else list(by)
     missing = [column for column in [*keys, value] if column not in runs.columns]
     if missing:
         raise ValueError(f"runs has no column(s) {missing}; its columns are {list(runs.columns)}.")
+    numbers = pd.to_numeric(runs[value], errors="coerce")
+    bad = runs[~np.isfinite(numbers.to_numpy(float))]
+    if len(bad):
+        groups = ", ".join(dict.fromkeys(str(group) for group in bad[keys[0]]))
+        raise ValueError(
+            must_be(
+                f"Every {value}",
+                "a finite number (a mean that skipped it would look fine and be wrong)",
+                Seen(f"{describe(bad[value].iloc[0])} in {len(bad)} run(s) of {groups}"),
+                f"Fix those runs, or drop them on purpose: runs.dropna(subset=[{value!r}]).",
+            )
+        )
     grouped = runs.groupby(keys, sort=False)[value]
     summary = grouped.agg(mean="mean", std="std", n="count")
     summary["std"] = summary["std"].fillna(0.0)  # a single run has no spread to show
@@ -492,7 +632,7 @@ def results_bar(
     [0, 1] are shown as percentages.
     """
     if kind not in ("bar", "point"):
-        raise ValueError(f"kind must be 'bar' or 'point', got {kind!r}.")
+        raise ValueError(must_be("kind", "'bar' or 'point'", kind, "'point' zooms in on close results."))
     raw: pd.DataFrame | None = None
     if by is not None:
         raw = table
@@ -510,6 +650,30 @@ def results_bar(
         names = [str(name) for name in (table[label] if label else table.index)]
         means = table[value].to_numpy(float)
         errors = table[error].to_numpy(float) if error is not None else np.zeros_like(means)
+    if not len(names):
+        raise ValueError(
+            must_be("table", "at least one row", Seen("an empty table"), "Pass one row per method.")
+        )
+    for what, values in ((value, means), (error or "std", errors)):
+        bad = [name for name, number in zip(names, values) if not np.isfinite(number)]
+        if bad:
+            raise ValueError(
+                must_be(
+                    f"Every {what} to draw",
+                    "a finite number",
+                    Seen(f"NaN or infinity for {', '.join(repr(name) for name in bad)}"),
+                    "Drop those rows, or fix the runs that produced them (a diverged run has NaN loss).",
+                )
+            )
+    if (errors < 0).any():
+        raise ValueError(
+            must_be(f"Every {error}", "non-negative (a spread)", errors.min(), "Pass standard deviations.")
+        )
+    for name, level in (reference or {}).items():
+        if not np.isfinite(level):
+            raise ValueError(
+                must_be(f"reference {name!r}", "a finite number", level, "Leave it out or fix it.")
+            )
     as_percent = bool(np.nanmax(means + errors) <= 1.0) and np.nanmin(means) >= 0.0
     scale = 100.0 if as_percent else 1.0
     palette = sns.color_palette("colorblind", n_colors=len(names))

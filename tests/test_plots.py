@@ -85,6 +85,7 @@ def test_history_one_run_draws_train_and_val_per_metric(tmp_path: Path) -> None:
     np.testing.assert_allclose(lines["val"].get_ydata(), frame["val_loss"])
     assert lines["train"].get_linestyle() == "--" and lines["val"].get_linestyle() == "-"
     assert loss_ax.get_xlabel() == "epoch" and loss_ax.get_ylabel() == "loss"
+    assert acc_ax.get_ylabel() == "accuracy (%)"
     assert isinstance(acc_ax.yaxis.get_major_formatter(), PercentFormatter), "fractions shown as %"
     assert [text.get_text() for text in fig.legends[0].get_texts()] == ["train", "val"]
     render(fig, tmp_path, "history")
@@ -180,14 +181,26 @@ def test_heatmap_grid_thins_many_tick_labels() -> None:
 
 
 def test_heatmap_grid_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match=r"Matrix 1 has shape \(2, 3, 4\).*2-D"):
+    with pytest.raises(ValueError, match=r"Matrix 1 must be 2-D \(H, W\); got shape \(2, 3, 4\)"):
         heatmap_grid([np.zeros((3, 3)), np.zeros((2, 3, 4))])
-    with pytest.raises(ValueError, match="3 titles for 2 matrices"):
+    with pytest.raises(ValueError, match=r"titles must be one title per matrix \(2\); got 3 titles"):
         heatmap_grid([np.zeros((3, 3))] * 2, ["a", "b", "c"])
-    with pytest.raises(ValueError, match="row_labels has 10 labels but matrix 0 has 4 rows"):
+    with pytest.raises(
+        ValueError, match=r"row_labels must be one name per row of matrix 0 \(4 rows\); got 10"
+    ):
         heatmap_grid([np.zeros((4, 4))], row_labels=CLASSES)
+    with pytest.raises(
+        ValueError, match=r"col_labels must be one name per col of matrix 1 \(3 cols\); got 4"
+    ):
+        heatmap_grid([np.zeros((4, 4)), np.zeros((4, 3))], col_labels=CLASSES[:4])
     with pytest.raises(ValueError, match="at least one matrix"):
         heatmap_grid([])
+    with pytest.raises(ValueError, match=r"Matrix 0 must be finite or NaN.*got inf at \[1, 2\]"):
+        heatmap_grid([np.array([[0.0, 1.0, 2.0], [3.0, 4.0, np.inf]])])
+    with pytest.raises(ValueError, match="vmax must be a finite number or None; got nan"):
+        heatmap_grid([np.eye(3)], vmax=float("nan"))
+    with pytest.raises(ValueError, match=r"vmin must be smaller than vmax \(0.0\); got 1.0"):
+        heatmap_grid([np.eye(3)], vmin=1.0, vmax=0.0)
     with pytest.raises(ValueError, match=r"shape \(2, 2, 2, 2, 2\)"):
         heatmap_grid(np.zeros((2, 2, 2, 2, 2)))
 
@@ -239,12 +252,24 @@ def test_image_grid_rejects_bad_input() -> None:
         image_grid(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="1 or 3 channels"):
         image_grid(np.zeros((2, 5, 8, 8), dtype=np.uint8))
-    with pytest.raises(ValueError, match="Got 3 labels for 2 images"):
+    with pytest.raises(ValueError, match=r"labels must be one per image \(2\); got 3 labels"):
         image_grid(np.zeros((2, 3, 8, 8), dtype=np.uint8), [0, 1, 2])
-    with pytest.raises(ValueError, match="classes lists only 2"):
+    with pytest.raises(ValueError, match=r"labels must be an index into classes \(0 to 1\); got 5"):
         image_grid(np.zeros((1, 3, 8, 8), dtype=np.uint8), [5], ["a", "b"])
     with pytest.raises(ValueError, match="pass labels too"):
         image_grid(np.zeros((1, 3, 8, 8), dtype=np.uint8), predictions=[0])
+    with pytest.raises(
+        ValueError, match=r"classes must be one name per column of the predictions \(10 classes\)"
+    ):
+        image_grid(
+            np.zeros((2, 3, 8, 8), dtype=np.uint8), [0, 1], CLASSES[:9], predictions=torch.randn(2, 10)
+        )
+    with pytest.raises(ValueError, match=r"labels must be whole numbers"):
+        image_grid(np.zeros((2, 3, 8, 8), dtype=np.uint8), [0.0, 1.5])
+    with pytest.raises(ValueError, match="got -1"):
+        image_grid(np.zeros((2, 3, 8, 8), dtype=np.uint8), [0, -1])
+    with pytest.raises(ValueError, match="images must be finite.*image 1"):
+        image_grid(torch.stack([torch.zeros(3, 8, 8), torch.full((3, 8, 8), float("nan"))]))
     with pytest.raises(ValueError, match="both mean and std"):
         image_grid(np.zeros((1, 3, 8, 8), dtype=np.float32), mean=[0.5, 0.5, 0.5])
 
@@ -302,6 +327,14 @@ def test_results_point_kind_and_errors(tmp_path: Path) -> None:
         results_bar(runs_table())
     with pytest.raises(ValueError, match="no error column"):
         results_bar(summarize_runs(runs_table()), error="sem")
+    diverged = runs_table()
+    diverged.loc[4, "accuracy"] = float("nan")  # one KD run diverged
+    with pytest.raises(
+        ValueError, match=r"Every accuracy must be a finite number .*; got nan in 1 run\(s\) of KD.*dropna"
+    ):
+        results_bar(diverged, value="accuracy", by="method")
+    with pytest.raises(ValueError, match="reference 'teacher' must be a finite number; got inf"):
+        results_bar(summarize_runs(runs_table()), reference={"teacher": float("inf")})
 
 
 def test_plots_leave_the_interactive_flag_alone(monkeypatch: pytest.MonkeyPatch) -> None:
