@@ -1,5 +1,7 @@
-"""The project around the package: dependency lists agree, torch is never pinned, the README's commands
-are the ones CI runs, the scripts parse, and the book's table of contents and link rewriting work."""
+"""The project around the package: dependency lists agree (pyproject.toml, environment.yml, binder/), torch is
+never pinned, the README's commands are the ones CI runs, the scripts parse, every copy of the repository
+address agrees with the book's configuration, and the book's table of contents, link rewriting and
+offline build work."""
 
 from __future__ import annotations
 
@@ -77,13 +79,50 @@ def test_environment_python_satisfies_requires_python() -> None:
     assert Requirement(f"python{pyproject()['project']['requires-python']}").specifier.contains(version)
 
 
+def binder_requirements() -> tuple[list[str], list[str]]:
+    """(pip options, requirements) of binder/requirements.txt, comments and blank lines dropped."""
+    text = (REPO / "binder" / "requirements.txt").read_text()
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    options = [line for line in lines if line.startswith("-")]
+    return options, [line for line in lines if line and not line.startswith("-")]
+
+
+def test_binder_installs_cpu_torch_then_the_package_with_its_lab_extra() -> None:
+    options, requirements = binder_requirements()
+    assert options == ["--index-url https://download.pytorch.org/whl/cpu"], (
+        "binder/requirements.txt must take torch from PyTorch's CPU wheel index only (no CUDA libraries)"
+    )
+    dependencies = by_name(pyproject()["project"]["dependencies"])
+    expected = {name: requirement for name, requirement in dependencies.items() if name in UNPINNED}
+    listed = by_name(requirements)
+    assert sorted(listed) == sorted(expected), "binder/requirements.txt holds torch and torchvision only"
+    for name, requirement in expected.items():
+        assert listed[name].specifier == requirement.specifier, f"{name}: bounds differ from pyproject.toml"
+    post_build = REPO / "binder" / "postBuild"
+    script = post_build.read_text()
+    assert script.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in script
+    assert post_build.stat().st_mode & 0o111, "binder/postBuild must be executable"
+    installs = [line.strip() for line in script.splitlines() if "pip install" in line]
+    assert installs == ['python -m pip install --no-cache-dir -e ".[lab]"'], (
+        "postBuild installs the package with its lab extra (and nothing else)"
+    )
+    assert "lab" in pyproject()["project"]["optional-dependencies"]
+    runtime = (REPO / "binder" / "runtime.txt").read_text().strip()
+    conda, _ = environment_requirements()
+    (python,) = [entry for entry in conda if entry.startswith("python")]
+    assert runtime == f"python-{python.split('=')[-1]}", "binder/runtime.txt and environment.yml differ"
+
+
 def test_torch_is_never_pinned() -> None:
     project = pyproject()["project"]
     everything = list(project["dependencies"])
     for extra in project["optional-dependencies"].values():
         everything += extra
     _, pip = environment_requirements()
-    for source, requirements in (("pyproject.toml", everything), ("environment.yml", pip)):
+    _, binder = binder_requirements()
+    for source, requirements in (
+        ("pyproject.toml", everything), ("environment.yml", pip), ("binder/requirements.txt", binder)
+    ):
         for name, requirement in by_name(requirements).items():
             if name in UNPINNED:
                 operators = {spec.operator for spec in requirement.specifier}
@@ -108,17 +147,27 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_command() -> None:
         for line in (REPO / ".ci" / "run").read_text().splitlines()
         if line.strip() and not line.lstrip().startswith(("#", "set -", "cd "))
     ]
-    assert [line.removeprefix("exec ") for line in ci_lines] == ["bash scripts/test.sh"]
+    assert ci_lines[-1] == "exec bash scripts/test.sh", "CI must end by running the README's test command"
+    setup = ci_lines[:-1]  # only the browser install for tests/test_browser.py may come before it
+    assert all(line.startswith(("if ", "fi", "export DEBIAN_FRONTEND", "apt-get ")) for line in setup), setup
+    installs = [line for line in setup if line.startswith("apt-get install")]
+    assert installs, "CI installs the browser that tests/test_browser.py needs"
+    for line in installs:
+        assert {"-y", "-qq", "chromium", "chromium-driver"} <= set(line.split()), line
     readme = (REPO / "README.md").read_text()
     assert "kdbook/_build/html/index.html" in readme
+    repository = load_module(REPO / "scripts" / "set_repository.py").configured_repository(REPO)
     for badge in (
-        "https://mybinder.org/v2/gh/kdbook/kdbook/main?labpath=notebooks",
-        "https://colab.research.google.com/github/kdbook/kdbook/blob/main/notebooks/00_start_here.ipynb",
+        f"https://mybinder.org/v2/gh/{repository.owner_name}/{repository.branch}?labpath=notebooks",
+        f"https://colab.research.google.com/github/{repository.owner_name}/blob/{repository.branch}"
+        "/notebooks/00_start_here.ipynb",
     ):
         assert badge in readme
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.sh")) + ["../.ci/run"])
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in (REPO / "scripts").glob("*.sh")) + ["../.ci/run", "../binder/postBuild"]
+)
 def test_shell_scripts_parse_and_are_strict(script: str) -> None:
     path = REPO / "scripts" / script
     text = path.read_text()
@@ -133,6 +182,77 @@ def test_setup_skips_the_install_when_pyproject_is_unchanged() -> None:
     assert "sha256" in text and "STAMP" in text
 
 
+# -------------------------------------------------------------------------------- the repository address
+
+
+def test_every_copy_of_the_repository_address_agrees_with_the_book_config() -> None:
+    set_repository = load_module(REPO / "scripts" / "set_repository.py")
+    disagreements = set_repository.find_disagreements(REPO)
+    assert not disagreements, (
+        "these links do not name kdbook/_config.yml's repository.url and branch; fix them all with "
+        "`python3 scripts/set_repository.py <url> --branch <branch>`:\n" + "\n".join(map(str, disagreements))
+    )
+    counts = set_repository.count_links(REPO)
+    assert counts[Path("README.md")] >= 2, "the README's Binder and Colab badges"
+    for notebook in sorted((REPO / "notebooks").glob("*.ipynb")):
+        assert counts[notebook.relative_to(REPO)] >= 1, f"{notebook.name}: no Colab install line found"
+
+
+def test_set_repository_rewrites_every_copy_and_back(tmp_path: Path) -> None:
+    set_repository = load_module(REPO / "scripts" / "set_repository.py")
+    (tmp_path / "kdbook").mkdir()
+    shutil.copy(BOOK / "_config.yml", tmp_path / "kdbook" / "_config.yml")
+    for page in BOOK.glob("*.md"):
+        shutil.copy(page, tmp_path / "kdbook" / page.name)
+    shutil.copytree(REPO / "notebooks", tmp_path / "notebooks")
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    (tmp_path / "kdbook" / "appendix.md").write_text(
+        "See [the source](https://github.com/kdbook/kdbook/blob/main/kdbook_utils/train.py), "
+        "[another project](https://github.com/kdbook/kdbook-extra) and "
+        '`%pip install "kdbook-utils @ git+https://github.com/someone/else@dev"`.\n'
+    )
+    original = set_repository.configured_repository(tmp_path)
+    set_repository.set_repository(original, tmp_path)  # make every copy agree first
+    before = {path: path.read_text() for path in tmp_path.rglob("*") if path.is_file()}
+    counts = set_repository.count_links(tmp_path)
+
+    fork = set_repository.parse_repository("https://github.com/a-university/kd-labs.git", "fall2026")
+    changed = set_repository.set_repository(fork, tmp_path)
+    assert Path("kdbook/_config.yml") in changed and Path("README.md") in changed
+    assert set_repository.configured_repository(tmp_path) == fork
+    assert set_repository.find_disagreements(tmp_path) == []
+    assert set_repository.count_links(tmp_path) == counts, "a link was lost or made up"
+    for path in set_repository.files_with_links(tmp_path):
+        text = path.read_text()
+        assert f"github.com/{original.owner_name}/" not in text, path
+        assert f"github.com/{original.owner_name}@" not in text, path
+    config = (tmp_path / "kdbook" / "_config.yml").read_text()
+    assert "url: https://github.com/a-university/kd-labs\n" in config and "branch: fall2026\n" in config
+    assert config.count("\n#") == before[tmp_path / "kdbook" / "_config.yml"].count("\n#"), "comments kept"
+    appendix = (tmp_path / "kdbook" / "appendix.md").read_text()
+    assert "https://github.com/a-university/kd-labs/blob/fall2026/kdbook_utils/train.py" in appendix
+    assert "https://github.com/kdbook/kdbook-extra" in appendix, "another repository's link must stay"
+    notebook = (tmp_path / "notebooks" / "00_start_here.ipynb").read_text()
+    assert "git+https://github.com/a-university/kd-labs@fall2026" in notebook
+    nbformat_json = json.loads(notebook)  # still valid JSON
+    assert nbformat_json["cells"]
+
+    set_repository.set_repository(original, tmp_path)
+    after = {path: path.read_text() for path in tmp_path.rglob("*") if path.is_file()}
+    assert after == before, "moving to a fork and back must restore every file byte for byte"
+
+
+def test_set_repository_rejects_addresses_it_cannot_link(tmp_path: Path) -> None:
+    set_repository = load_module(REPO / "scripts" / "set_repository.py")
+    with pytest.raises(ValueError, match="https://github.com/OWNER/NAME"):
+        set_repository.parse_repository("https://gitlab.com/my-org/kd-course", "main")
+    with pytest.raises(ValueError, match="branch 'feature/x'"):
+        set_repository.parse_repository("https://github.com/my-org/kd-course", "feature/x")
+    assert set_repository.parse_repository("https://github.com/my-org/kd-course/", "main").url == (
+        "https://github.com/my-org/kd-course"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- the book
 
 
@@ -140,8 +260,9 @@ def test_book_config_renders_without_executing() -> None:
     config = yaml.safe_load((BOOK / "_config.yml").read_text())
     assert config["execute"]["execute_notebooks"] == "off"
     assert config["only_build_toc_files"] is True
-    assert config["repository"]["url"] == "https://github.com/kdbook/kdbook"
-    assert config["repository"]["branch"] == "main"
+    set_repository = load_module(REPO / "scripts" / "set_repository.py")
+    set_repository.parse_repository(config["repository"]["url"], config["repository"]["branch"])  # valid
+    assert config["repository"]["path_to_book"] == "kdbook"
     assert config["launch_buttons"]["binderhub_url"] and config["launch_buttons"]["colab_url"]
 
 
@@ -222,3 +343,10 @@ def test_book_builds_offline(tmp_path: Path) -> None:
     assert "colab.research.google.com/github/kdbook/kdbook/blob/main/notebooks/01_hinton_kd.ipynb" in lesson
     assert "kdbook/lessons/01_hinton_kd.ipynb" not in lesson
     assert "A lesson" in lesson
+    # Math is typeset by the book's own copy of MathJax, and code wraps (kdbook/_static/kdbook.css).
+    assert 'src="../_static/mathjax/tex-chtml.js"' in lesson
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    assert any((html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    assert "_static/kdbook.css" in lesson and "pre-wrap" in (html / "_static" / "kdbook.css").read_text()
+    scripts = re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", lesson)
+    assert scripts and not [src for src in scripts if "://" in src], f"scripts from the network: {scripts}"
