@@ -19,6 +19,7 @@ unaffected, and :meth:`FeatureExtractor.remove` (or leaving the ``with`` block) 
 from __future__ import annotations
 
 import difflib
+import operator
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from kdbook_utils.errors import Seen, must_be
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -64,13 +67,20 @@ def _detached(output: Any) -> Any:
 
 def batch_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     """``(C, H, W)`` -> ``(1, C, H, W)``; a shape that already has a batch dimension is kept."""
-    shape = tuple(int(size) for size in input_shape)
+    rule = "(C, H, W) or (N, C, H, W) with positive integer sizes"
+    fix = "For 32x32 RGB images use (3, 32, 32)."
+    if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__"):
+        raise TypeError(must_be("input_shape", rule, input_shape, fix))
+    try:
+        shape = tuple(operator.index(size) for size in input_shape if not isinstance(size, bool))
+    except TypeError:
+        raise TypeError(must_be("input_shape", rule, input_shape, fix)) from None
+    if len(shape) != len(input_shape):  # a bool among the sizes
+        raise TypeError(must_be("input_shape", rule, input_shape, fix))
     if len(shape) == 3:
         shape = (1, *shape)
     if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(
-            f"input_shape must be (C, H, W) or (N, C, H, W) with positive sizes, got {input_shape}."
-        )
+        raise ValueError(must_be("input_shape", rule, input_shape, fix))
     return shape
 
 
@@ -128,7 +138,15 @@ def unknown_layer_message(model: nn.Module, layer: str) -> str:
 def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
     """The submodule at path ``layer``; a ``ValueError`` listing the valid paths if there is none."""
     if not isinstance(layer, str) or not layer:
-        raise ValueError(f"A layer is a module path such as 'stage2' or 'stage2.0.conv1', got {layer!r}.")
+        error = ValueError if isinstance(layer, str) else TypeError
+        raise error(
+            must_be(
+                "A layer",
+                "a module path such as 'stage2' or 'stage2.0.conv1'",
+                layer if isinstance(layer, str) else Seen(f"a {type(layer).__name__}"),
+                "model.feature_points lists the usual ones; layer_table(model) lists them all.",
+            )
+        )
     try:
         return model.get_submodule(layer)
     except AttributeError:
@@ -146,12 +164,35 @@ class FeatureExtractor:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | str, detach: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                must_be(
+                    "model",
+                    "a torch.nn.Module",
+                    Seen(f"a {type(model).__name__}"),
+                    "Pass the network itself.",
+                )
+            )
         layers = (layers,) if isinstance(layers, str) else tuple(layers)
         if not layers:
-            raise ValueError("Give at least one layer, e.g. FeatureExtractor(model, model.feature_points).")
-        duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
+            raise ValueError(
+                must_be(
+                    "layers",
+                    "at least one layer",
+                    layers,
+                    "Give at least one layer, e.g. FeatureExtractor(model, model.feature_points).",
+                )
+            )
+        duplicates = sorted({str(layer) for layer in layers if layers.count(layer) > 1})
         if duplicates:
-            raise ValueError(f"Each layer may be requested once; repeated: {', '.join(duplicates)}.")
+            raise ValueError(
+                must_be(
+                    "Each layer",
+                    "requested once",
+                    Seen(f"repeated: {', '.join(duplicates)}"),
+                    "Remove the repeats: each feature is returned once under its name.",
+                )
+            )
         modules = [resolve_layer(model, layer) for layer in layers]  # validate all before hooking any
         self.model = model
         self.layers: tuple[str, ...] = layers
@@ -178,6 +219,15 @@ class FeatureExtractor:
         """Run the model once on ``x``: its output (the logits) and ``{layer: output}``."""
         if not self.active:
             raise RuntimeError("This FeatureExtractor was removed; create a new one to read features again.")
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                must_be(
+                    "The input of a FeatureExtractor",
+                    "a torch.Tensor batch, e.g. images (N, C, H, W)",
+                    Seen(f"a {type(x).__name__}"),
+                    "Stack the images first, e.g. torch.stack(images), or batch them with a TensorLoader.",
+                )
+            )
         self._captured = {}
         self._recording = True
         try:
@@ -190,11 +240,23 @@ class FeatureExtractor:
         for layer in self.layers:
             outputs = captured.get(layer, [])
             if len(outputs) != 1:
-                how = "did not run" if not outputs else f"ran {len(outputs)} times"
+                how = (
+                    "a module that did not run" if not outputs else f"a module that ran {len(outputs)} times"
+                )
+                fix = (
+                    "Pick a module on the forward path, e.g. one of model.feature_points (a module that is "
+                    "defined but never called, such as an unused head, records nothing)."
+                    if not outputs
+                    else "Hook a module that runs exactly once (a module reused in several places, such as "
+                    "one shared ReLU, has several outputs)."
+                )
                 raise RuntimeError(
-                    f"Layer {layer!r} {how} during the forward pass, so it has no single output. "
-                    "Hook a module that runs exactly once per forward pass (a module reused in several "
-                    "places, such as one shared ReLU, has several outputs)."
+                    must_be(
+                        f"Layer {layer!r}",
+                        "a module that runs exactly once per forward pass",
+                        Seen(how),
+                        fix,
+                    )
                 )
             features[layer] = outputs[0]
         return logits, features

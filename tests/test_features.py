@@ -124,6 +124,24 @@ def test_bad_layer_requests(resnet8: nn.Module) -> None:
         FeatureExtractor(resnet8, [])
     with pytest.raises(ValueError, match="repeated: stem"):
         FeatureExtractor(resnet8, ["stem", "stage1", "stem"])
+    with pytest.raises(TypeError, match="A layer must be a module path .*; got a Sequential"):
+        FeatureExtractor(resnet8, [resnet8.stem])  # the module itself instead of its name
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module; got a str"):
+        FeatureExtractor("resnet8", ["stem"])  # type: ignore[arg-type]
+
+
+def test_bad_inputs_to_the_extractor(resnet8: nn.Module, images: torch.Tensor) -> None:
+    with FeatureExtractor(resnet8, ["stem"]) as extractor:
+        with pytest.raises(TypeError, match=r"must be a torch.Tensor batch.*; got a list.*torch.stack"):
+            extractor(list(images))
+        with pytest.raises(
+            ValueError, match=r"input_shape must be \(C, H, W\) or \(N, C, H, W\).*got \(32, 32\)"
+        ):
+            extractor.feature_shapes((32, 32))
+        with pytest.raises(TypeError, match=r"input_shape must be .*; got \(3, 32.5, 32\)"):
+            extractor.feature_shapes((3, 32.5, 32))
+        with pytest.raises(ValueError, match="The input of resnet8 must be a batch with 3 channels"):
+            extractor.feature_shapes((1, 32, 32))  # the model's own check
 
 
 def test_a_reused_or_skipped_module_has_no_single_output() -> None:
@@ -142,7 +160,10 @@ def test_a_reused_or_skipped_module_has_no_single_output() -> None:
 
     with (
         FeatureExtractor(SkipsItsBranch(), ["unused"]) as extractor,
-        pytest.raises(RuntimeError, match="not run"),
+        pytest.raises(
+            RuntimeError,
+            match="runs exactly once per forward pass; got a module that did not run.*forward path",
+        ),
     ):
         extractor(torch.randn(3, 4))
 
