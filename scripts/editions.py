@@ -49,7 +49,8 @@ Commands (run from anywhere; paths default to this repository)::
 Marking mistakes stop ``generate`` (and ``check``) with an error that names the notebook, the cell and the
 fix, before anything is written: unbalanced or nested markers, a solution region outside an answer cell,
 hidden tests outside a test cell, a cell without ``grade_id`` or ``points``, a duplicate ``grade_id``,
-metadata of another schema version, a test cell that cannot fail, a stub that would not run.
+metadata of another schema version, a test cell that cannot fail, a stub that would not run, a cell
+that shows a line of a solution (a worked answer in Markdown would give it away).
 
 ``grade`` emulates ``nbgrader autograde``: it takes a submitted notebook and the instructor's version
 (default: the notebook of the same name in ``notebooks/``), copies the instructor's source and nbgrader
@@ -417,6 +418,41 @@ def marking_problems(notebook: NotebookNode) -> list[str]:
             problems += [f"{where}: {problem}" for problem in stub_problems]
         if cell.cell_type == "code":
             names_before |= _names_or_nothing(cell.source)
+    return problems + _shown_solutions(notebook)
+
+
+#: A solution line at least this long that another cell shows gives the answer away.
+SHOWN_LINE_MIN_CHARS = 20
+
+
+def _shown_solutions(notebook: NotebookNode) -> list[str]:
+    """Cells that show a line of a solution in the student edition (e.g. a worked answer in Markdown)."""
+    visible, solutions = {}, {}
+    for index, cell in enumerate(notebook.cells):
+        try:
+            regions = find_regions(cell.source, "solution")
+            text = cell.source
+            for kind in REGIONS:
+                text = remove_regions(text, kind)
+        except ValueError:
+            continue  # reported with the cell
+        visible[index] = text
+        lines = cell.source.split("\n")
+        solutions[index] = [
+            line.strip()
+            for region in regions
+            for line in lines[region.begin + 1 : region.end]
+            if len(line.strip()) >= SHOWN_LINE_MIN_CHARS and not line.strip().startswith("#")
+        ]
+    problems = []
+    for owner, solution in solutions.items():
+        for index, text in visible.items():
+            shown = next((line for line in solution if line in text), None)
+            if shown is not None:
+                problems.append(
+                    f"cell {index} ({notebook.cells[index].cell_type}) shows {shown!r}, a line of the solution "
+                    f"in cell {owner}: the student edition would give the answer away. Remove it from cell {index}"
+                )
     return problems
 
 

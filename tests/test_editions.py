@@ -244,6 +244,8 @@ def broken(change: str) -> nbformat.NotebookNode:
         prediction.source = "if True:\n    ### BEGIN SOLUTION\n    x = 1\n    ### END SOLUTION"
     elif change == "a whole-cell solution":
         answer.source = "def my_kd_loss(s, t, T):\n    return s"
+    elif change == "a solution shown in another cell":
+        notebook.cells[3].source += "\n\n```python\np = F.softmax(teacher_logits / temperature, dim=1)\n```"
     return notebook
 
 
@@ -264,6 +266,7 @@ BROKEN = {
     "a top-level answer without a default": "binds soft_targets_become",
     "an indented region outside a function": "indented but not in a function body",
     "a whole-cell solution": "mark the solution between",
+    "a solution shown in another cell": "cell 3 (markdown) shows 'p = F.softmax(teacher_logits / temperature, dim=1)'",
 }
 
 

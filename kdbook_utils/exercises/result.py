@@ -36,7 +36,7 @@ HEADLINES: dict[str, str] = {"correct": "Correct.", "incorrect": "Not yet.", "no
 _STYLE: dict[str, tuple[str, str]] = {  # status -> (symbol, colour); the word carries the meaning too
     "correct": ("\u2713", "#2e7d32"),
     "incorrect": ("\u2717", "#c62828"),
-    "not done": ("\u2026", "#5c6bc0"),
+    "not done": ("\u25cb", "#5c6bc0"),
 }
 _PACKAGE = Path(__file__).resolve().parents[1]
 
