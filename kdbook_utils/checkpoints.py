@@ -103,7 +103,14 @@ def checkpoint_path(arch: str, dataset: str, preset: str, seed: int, tag: str = 
     parts = [arch, dataset, preset, f"seed{seed}"] + ([tag] if tag else [])
     name = "_".join(str(part) for part in parts)
     if any(separator in name for separator in ("/", "\\", os.sep)):
-        raise ValueError(f"Checkpoint name parts must not contain path separators: {name!r}.")
+        raise ValueError(
+            must_be(
+                "The parts of a checkpoint name",
+                "free of path separators",
+                name,
+                f"Use plain names; set ${CACHE_ENV_VAR} to choose the folder.",
+            )
+        )
     directory = cache_dir() / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
     return directory / f"{name}.pt"
@@ -147,7 +154,7 @@ def _check_plain(value: Any, where: str) -> None:
         return
     raise TypeError(
         must_be(
-            f"Checkpoint metadata {where}",
+            f"Checkpoint {where}",
             "a plain value (number, string, list, dict) or a tensor, so the file loads with weights_only=True",
             value
             if type(value).__module__ == "builtins"
@@ -461,10 +468,14 @@ def download_checkpoint(url: str, sha256: str, filename: str | None = None, prog
     """
     expected = sha256.strip().lower()
     if len(expected) != 64 or any(character not in "0123456789abcdef" for character in expected):
-        raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}.")
+        raise ValueError(
+            must_be("sha256", "64 hexadecimal digits", sha256, "Copy the SHA-256 published with the file.")
+        )
     name = filename or Path(urllib.parse.urlparse(url).path).name
     if not name:
-        raise ValueError(f"Cannot tell a file name from the URL {url!r}; pass filename=...")
+        raise ValueError(
+            must_be("The URL", "one that ends in a file name", url, "Pass filename=... to name the file.")
+        )
     directory = cache_dir() / "downloads"
     directory.mkdir(parents=True, exist_ok=True)
     destination = directory / name

@@ -260,7 +260,7 @@ def heatmap_grid(
             must_be(
                 "titles",
                 f"one title per matrix ({count})",
-                Seen(f"{len(titles)} titles"),
+                Seen(f"{len(titles)} title{'s' if len(titles) != 1 else ''}"),
                 "Pass one title for each matrix, or leave titles out.",
             )
         )
@@ -275,7 +275,7 @@ def heatmap_grid(
                     f"Matrix {index}",
                     "finite or NaN (NaN cells are left blank), since an infinity has no colour",
                     Seen(
-                        f"{matrix[row, column]} at [{row}, {column}] ({int(infinite.sum())} infinite cells)"
+                        f"{matrix[row, column]} at [{row}, {column}] ({int(infinite.sum())} infinite in all)"
                     ),
                     "Replace them, e.g. torch.nan_to_num(m, posinf=float('nan')), or clip the values.",
                 )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdbook_utils.errors import Seen, check_int, check_keywords, closest, must_be
+from kdbook_utils.errors import Seen, check_int, check_keywords, closest, describe, must_be
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -72,7 +72,7 @@ class ZooModel(nn.Sequential):
                 must_be(
                     name,
                     "a torch.Tensor of images (N, C, H, W)",
-                    Seen(f"a {type(images).__name__}"),
+                    Seen(describe(images) if hasattr(images, "shape") else f"a {type(images).__name__}"),
                     "Convert it with torch.as_tensor(...) and normalise it, or batch a data set with "
                     "kdbook_utils.data.TensorLoader.",
                 )
@@ -112,7 +112,9 @@ class ZooModel(nn.Sequential):
             else:
                 fix = (
                     f"Create the model for {channels}-channel images (create_model({arch!r}, num_classes, "
-                    f"in_channels={channels}))" if arch else f"Build the model for {channels}-channel images"
+                    f"in_channels={channels}))"
+                    if arch
+                    else f"Build the model for {channels}-channel images"
                 )
                 if channels == 1 and self.in_channels == 3:
                     fix += ", or repeat the grey channel: images.expand(-1, 3, -1, -1)"
