@@ -63,13 +63,17 @@ class Preset:
                 )
         check_int("Preset batch_size", self.batch_size, minimum=1, fix="Use e.g. 64 or 128.")
         for field in ("teacher_epochs", "student_epochs"):
-            check_int(f"Preset {field}", getattr(self, field), minimum=1, fix="Use e.g. 8 (quick) or 15 (lab).")
+            check_int(
+                f"Preset {field}", getattr(self, field), minimum=1, fix="Use e.g. 8 (quick) or 15 (lab)."
+            )
         check_number("Preset lr", self.lr, above=0.0, fix="It is the SGD learning rate, e.g. 0.05.")
         seeds = self.seeds
         if not isinstance(seeds, (tuple, list)) or not seeds:
             error = ValueError if isinstance(seeds, (tuple, list)) else TypeError
             raise error(
-                must_be("Preset seeds", "a non-empty tuple of integers", seeds, "Use e.g. (0, 1, 2), or (0,).")
+                must_be(
+                    "Preset seeds", "a non-empty tuple of integers", seeds, "Use e.g. (0, 1, 2), or (0,)."
+                )
             )
         checked = tuple(check_int("each of Preset seeds", seed, minimum=0) for seed in seeds)
         object.__setattr__(self, "seeds", checked)  # a list becomes a tuple: presets stay hashable
@@ -152,7 +156,9 @@ def get_preset(name: str | None = None) -> Preset:
     """Return the preset called ``name``, or the one named by ``$KDBOOK_PRESET`` (default ``quick``)."""
     chosen = name if name is not None else os.environ.get(PRESET_ENV_VAR, "quick")
     if not isinstance(chosen, str):
-        raise TypeError(must_be("The preset name", "a string", chosen, f"Valid presets: {', '.join(PRESETS)}."))
+        raise TypeError(
+            must_be("The preset name", "a string", chosen, f"Valid presets: {', '.join(PRESETS)}.")
+        )
     key = chosen.strip().lower()
     if key not in PRESETS:
         raise ValueError(

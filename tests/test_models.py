@@ -241,7 +241,11 @@ def test_every_builder_declares_its_options() -> None:
     for name in list_models():
         assert "in_channels" in model_options(name), name
     assert model_options("vgg8") == {"in_channels": 3, "image_size": 32}
-    assert model_options("alexnet_lsl_student_eighth") == {"in_channels": 3, "batch_norm": True, "dropout": 0.0}
+    assert model_options("alexnet_lsl_student_eighth") == {
+        "in_channels": 3,
+        "batch_norm": True,
+        "dropout": 0.0,
+    }
     plain = create_model("alexnet_lsl_student_eighth", 10, dropout=0.5)
     assert plain.fc1[0].p == 0.5
 
@@ -270,7 +274,9 @@ def test_min_input_size_is_the_smallest_size_that_runs(name: str, options: dict)
         smaller = torch.empty(2, channels, size - 1, size - 1, device="meta")
         with pytest.raises(RuntimeError):  # the stages themselves fail one pixel below
             nn.Sequential.forward(model, smaller)
-        with pytest.raises(ValueError, match=f"at least {size}x{size} pixels.*; got {size - 1}x{size - 1} images"):
+        with pytest.raises(
+            ValueError, match=f"at least {size}x{size} pixels.*; got {size - 1}x{size - 1} images"
+        ):
             model(smaller)
 
 

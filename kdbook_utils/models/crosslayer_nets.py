@@ -66,8 +66,9 @@ class DepthwiseSeparable(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
-        self.depthwise = nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels,
-                                   bias=False)
+        self.depthwise = nn.Conv2d(
+            in_channels, in_channels, 3, stride=stride, padding=1, groups=in_channels, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.relu1 = nn.ReLU()
         self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
@@ -87,7 +88,10 @@ MOBILENET_FEATURE_POINTS: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3
 
 
 def build_mobilenet(
-    stages: Sequence[Sequence[int]], num_classes: int, in_channels: int = 3, width: float = 1.0,
+    stages: Sequence[Sequence[int]],
+    num_classes: int,
+    in_channels: int = 3,
+    width: float = 1.0,
     stem_stride: int = 1,
 ) -> ZooModel:
     """A MobileNet-v1-style :class:`ZooModel`: ``stem, stage1, ..., stage5, pool, classifier``.

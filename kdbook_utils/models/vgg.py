@@ -100,7 +100,9 @@ def build_vgg(
     The model runs at any input size either way: the global average pool makes the head size-independent.
     """
     check_int("in_channels", in_channels, minimum=1, fix="Use 1 for grey images, 3 for RGB.")
-    check_int("image_size", image_size, minimum=1, fix="It is the input's height and width in pixels, e.g. 32.")
+    check_int(
+        "image_size", image_size, minimum=1, fix="It is the input's height and width in pixels, e.g. 32."
+    )
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     last = len(blocks)
     for index, widths in enumerate(blocks, start=1):
