@@ -33,17 +33,23 @@ import re
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
+from sklearn.datasets import load_digits
 from torch import Tensor
 from torch.nn import functional as F
+from torchvision import datasets
+from tqdm.auto import tqdm
 
 from kdbook_utils.checkpoints import cache_dir
 from kdbook_utils.presets import DATA_ROOT_ENV_VAR, Preset
+from kdbook_utils.train import resolve_device
 
 __all__ = [
     "DATASETS",
@@ -172,12 +178,31 @@ class ImageDataset:
             raise ValueError(
                 f"A subset needs a size between 1 and {len(self)} (this data set's size); got {size!r}."
             )
-        chosen = _stratified_sample(self.labels, self.num_classes, int(size), seed)
+        return self._select(_stratified_sample(self.labels, self.num_classes, int(size), seed), seed)
+
+    def holdout(self, size: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+        """Split off a stratified random ``size`` images: ``(the rest, the held-out part)``.
+
+        The held-out part is drawn as :meth:`subset` draws (each class keeps its share), and the rest is
+        everything else, in the original order. Both remember they are subsets of this data set.
+        """
+        if not isinstance(size, numbers.Integral) or not 1 <= size < len(self):
+            raise ValueError(
+                f"A hold-out needs a size between 1 and {len(self) - 1} (this data set has {len(self)} "
+                f"images); got {size!r}."
+            )
+        held = _stratified_sample(self.labels, self.num_classes, int(size), seed)
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[held] = False
+        rest = torch.nonzero(keep).flatten()
+        return self._select(rest, seed), self._select(held, seed)
+
+    def _select(self, indices: Tensor, seed: int) -> ImageDataset:
         return ImageDataset(
             name=self.name,
             split=self.split,
-            images=self.images.index_select(0, chosen),
-            labels=self.labels.index_select(0, chosen),
+            images=self.images.index_select(0, indices),
+            labels=self.labels.index_select(0, indices),
             classes=self.classes,
             mean=self.mean,
             std=self.std,
@@ -185,6 +210,19 @@ class ImageDataset:
             subset_of=len(self),
             subset_seed=seed,
         )
+
+    def resized(self, size: int) -> ImageDataset:
+        """A copy with every image resized to ``size x size`` pixels (area interpolation, still uint8).
+
+        The digits are 8x8 scans stored upsampled to 32x32 (so every zoo model accepts them): resizing
+        back to 8 or 16 pixels loses nothing and makes every convolution 16 or 4 times cheaper.
+        """
+        if not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(f"size must be a positive number of pixels; got {size!r}.")
+        if self.images.shape[-2:] == (size, size):
+            return self
+        images = F.interpolate(self.images.float(), size=(int(size), int(size)), mode="area")
+        return dataclasses.replace(self, images=images.round().clamp(0, 255).to(torch.uint8))
 
     def digest(self) -> str:
         """A short checksum of the pixels and labels (computed once): two data sets with the same digest
@@ -292,14 +330,39 @@ def load_dataset(
     return dataset
 
 
+class DataSplits(NamedTuple):
+    """A preset's three splits: ``train`` to learn from, ``val`` to make choices on (temperatures, loss
+    weights, layers, thresholds, epochs), ``test`` for the final comparison only."""
+
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+
+
+VALIDATION_SEED = 1234
+"""Seed of the validation hold-out: fixed, so every lesson and every run validates on the same images."""
+
+
 def preset_data(
     preset: Preset, root: str | os.PathLike | None = None, download: bool = False
-) -> tuple[ImageDataset, ImageDataset]:
-    """The ``(train, test)`` data sets of a preset, with its subset sizes (drawn with seed 0, so every
-    training seed of a lesson sees the same images)."""
-    train = load_dataset(preset.dataset, "train", root, download, subset=preset.train_subset, seed=0)
+) -> DataSplits:
+    """The ``(train, val, test)`` splits of a preset.
+
+    ``val`` is a stratified hold-out of ``preset.val_size`` images from the training split (drawn with
+    :data:`VALIDATION_SEED`); ``train`` is the rest, cut to ``preset.train_subset`` images if the preset
+    says so; ``test`` is the test split, cut to ``preset.test_subset``. Subsets are drawn with seed 0, so
+    every training seed of a lesson sees the same images.
+    """
+    full = load_dataset(preset.dataset, "train", root, download)
+    if preset.val_size:
+        train, val = full.holdout(preset.val_size, seed=VALIDATION_SEED)
+        val.split = "val"
+    else:
+        raise ValueError(f"Preset {preset.name!r} has val_size=0; give it a validation hold-out (val_size > 0).")
+    if preset.train_subset is not None and preset.train_subset < len(train):
+        train = train.subset(preset.train_subset, seed=0)
     test = load_dataset(preset.dataset, "test", root, download, subset=preset.test_subset, seed=0)
-    return train, test
+    return DataSplits(train, val, test)
 
 
 def _check_choice(what: str, value: str, valid: Sequence[str]) -> str:
@@ -360,8 +423,6 @@ def _digits_tensors() -> tuple[Tensor, Tensor]:
     """All 1,797 digits as uint8 ``(N, 1, 32, 32)`` and their labels (built once per process)."""
     global _DIGITS
     if _DIGITS is None:
-        from sklearn.datasets import load_digits
-
         digits = load_digits()
         levels = torch.from_numpy(digits.images).float().unsqueeze(1)  # (N, 1, 8, 8), values 0..16
         upsampled = F.interpolate(
@@ -486,8 +547,6 @@ def _read_cifar_pickles(
 
 
 def _download_cifar(name: str, root: Path, files: Sequence[str]) -> tuple[Tensor, Tensor, list[str]]:
-    from torchvision import datasets
-
     release = _CIFAR_FORMATS[name]
     dataset_class = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     try:
@@ -558,9 +617,6 @@ def _read_image_folder(tree: Path) -> tuple[Tensor, Tensor, list[str]]:
 
 def _decode_images(files: list[Path]) -> Tensor:
     """Decode image files into one uint8 ``(N, 3, H, W)`` tensor; every image must have the same size."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     images: Tensor | None = None
     progress = tqdm(
         files, desc="Decoding images (once, then cached)", unit="img", disable=len(files) < 5000, leave=False
@@ -736,7 +792,7 @@ class TensorLoader:
     """Batches of ``(images, labels)`` cut from an :class:`ImageDataset` held on ``device``.
 
     Iterating yields float32 images normalised with the data set's mean and std, ``(N, C, H, W)``, and
-    int64 labels, both on ``device``. In training mode (``train=True``) the order is shuffled and each
+    int64 labels, both on ``device`` (None: the device rule, :func:`kdbook_utils.train.resolve_device`). In training mode (``train=True``) the order is shuffled and each
     batch is augmented: a random crop after zero-padding by ``padding`` pixels (as torchvision's
     ``RandomCrop(32, padding=4)``) and, if ``flip`` (default: ``dataset.flip_ok``), a horizontal flip of
     half of the images (``RandomHorizontalFlip``). In evaluation mode images come in order, unaugmented.
@@ -756,7 +812,7 @@ class TensorLoader:
         batch_size: int = 128,
         *,
         train: bool,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         augment: bool | None = None,
         shuffle: bool | None = None,
         seed: int = 0,
@@ -783,8 +839,10 @@ class TensorLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.channels_last = channels_last
-        self.device = _resolve_device(device)
+        # "meta" (shapes without values) lets a test prove that batching never reads a value on the host
+        self.device = torch.device("meta") if str(device) == "meta" else resolve_device(device)
         self.epoch = 0
+        self.current_epoch: int | None = None  # the epoch the latest iter(loader) runs
         if drop_last and len(dataset) < batch_size:
             raise ValueError(
                 f"drop_last=True with {len(dataset)} images and batch_size={batch_size} leaves no batch."
@@ -840,6 +898,7 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = self.epoch
         self.epoch += 1
+        self.current_epoch = epoch
         return self.epoch_batches(epoch)
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
@@ -883,9 +942,3 @@ class TensorLoader:
 def _epoch_seed(seed: int, epoch: int) -> int:
     """Mix ``(seed, epoch)`` into one 64-bit generator seed (numpy's SeedSequence hashes them well)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0])
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -7,7 +7,7 @@ papers call *compression* and *speed-up* (computation) ratios.
 Conventions, since papers mix them:
 
 * **Parameters** count every weight and bias; ``include_batchnorm=False`` leaves out BatchNorm's scale
-  and shift, which many papers' tables (and the spec's §1.4) do not count.
+  and shift, which many papers' tables do not count.
 * **MACs** (multiply-accumulates) are what most CNN papers call "FLOPs"; **FLOPs** here are true
   floating-point operations, ``2 x MACs`` (one multiply and one add). Only convolutions and matrix
   products are counted, which is where nearly all the work is: BatchNorm, ReLU, pooling, additions and

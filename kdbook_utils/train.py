@@ -1,16 +1,25 @@
 """One readable training loop for every method.
 
 A *method* is an ``nn.Module`` whose ``forward(images, labels)`` returns ``(logits, losses)``: the
-student's logits and a dict of named loss terms, e.g. ``{"ce": ..., "kd": ...}``. The loop adds the terms,
-steps the optimiser and logs every term. Plain cross-entropy training is the simplest method
-(:class:`CrossEntropy`); every distiller in ``kdbook_utils.methods`` is another.
+student's logits (one tensor, or a list of tensors for a student with several exits) and a dict of named
+loss terms, e.g. ``{"ce": ..., "kd": ...}``. The loop adds the terms, steps the optimiser and logs every
+term. Plain cross-entropy training is the simplest method (:class:`CrossEntropy`); every distiller in
+``kdbook_utils.methods`` is another (:class:`Distiller` is their base class).
 
 The public functions:
 
 * :func:`fit` trains a method (or a plain model) and returns its history, one row per epoch;
 * :func:`evaluate` and :func:`predict` measure a trained model;
-* :func:`seed_everything` and :func:`choose_device` set up a run;
+* :func:`seed_everything`, :func:`choose_device` and :func:`resolve_device` set up a run;
+* :func:`freeze` turns a trained model into a frozen teacher;
 * :func:`configure_cpu_performance` tunes the memory allocator for CPU training (``fit`` calls it).
+
+Units: accuracies are percentages (0-100) everywhere.
+
+**The device rule.** Every function here that trains or evaluates takes ``device=None``, which means
+:func:`resolve_device`: the device of the current preset (``$KDBOOK_PRESET``, see
+:mod:`kdbook_utils.presets`) through :func:`choose_device`. A notebook resolves it once
+(``DEVICE = choose_device(PRESET.device)``) and passes it down; data and models are moved there.
 
 A note for readers of the loop: on a GPU, every ``.item()`` (or ``float(tensor)``) makes the CPU wait for
 the GPU to finish. The loop therefore adds the per-batch losses up *as tensors* and reads them only once
@@ -29,7 +38,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, Union
 
 import numpy as np
 import pandas as pd
@@ -38,16 +48,25 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from kdbook_utils.features import FeatureExtractor
+from kdbook_utils.presets import get_preset
+
 __all__ = [
     "CrossEntropy",
     "Distiller",
+    "NonFiniteLossError",
+    "TeacherOutputs",
+    "TrainingPhase",
     "autocast_dtype",
     "choose_device",
     "configure_cpu_performance",
     "evaluate",
     "fit",
+    "freeze",
     "lr_factor",
+    "output_names",
     "predict",
+    "resolve_device",
     "seed_everything",
 ]
 
@@ -57,50 +76,200 @@ Batches = Iterable[tuple[Tensor, Tensor]]
 Schedule = Union[str, Callable[[int, int], float]]
 """``"cosine"``, ``"step"``, ``"constant"``, or ``factor(epoch, epochs) -> float`` (epoch counts from 0)."""
 
+DeviceLike = Union[str, torch.device, None]
+Logits = Union[Tensor, list[Tensor]]
+"""A model's output: the logits, or one logits tensor per exit for a multi-exit network."""
+
 
 # --------------------------------------------------------------------------------------------------------
 # The method contract
 # --------------------------------------------------------------------------------------------------------
 
 
-class Distiller(nn.Module):
-    """Base class of every method: a student, an optional frozen teacher, and named loss terms.
+def freeze(model: nn.Module) -> nn.Module:
+    """Make ``model`` a fixed teacher: eval mode, and no parameter requires a gradient. Returns it."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
 
-    Subclasses implement :meth:`forward`, which returns the student's logits and a dict of named loss
-    terms; :func:`fit` minimises their sum and logs each one. The teacher (if any) is frozen: its
-    parameters do not require gradients and it stays in eval mode even while the method is in training
-    mode (so its batch-norm statistics and dropout never change).
+
+class TeacherOutputs(NamedTuple):
+    """What a teacher computed for one batch: its logits (a list for a multi-exit teacher) and the
+    feature maps of the requested layers, ``{layer: tensor}``."""
+
+    logits: Logits
+    features: dict[str, Tensor]
+
+
+class TeacherOutputSource(Protocol):
+    """Serves teacher outputs during training instead of running the teacher (a cache of them).
+
+    :meth:`Distiller.teacher_outputs` asks it for ``teacher`` number ``index`` on the batch at position
+    ``(epoch, batch)`` of the training loader; it returns the outputs, computing and keeping them if it
+    has not seen that batch yet. ``kdbook_utils.experiments.TeacherOutputCache`` is the implementation.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None) -> None:
+    def outputs(
+        self,
+        teacher: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        layers: tuple[str, ...],
+        epoch: int,
+        batch: int,
+    ) -> TeacherOutputs: ...
+
+
+@dataclass(frozen=True)
+class TrainingPhase:
+    """A stretch of training with its own optimiser: ``epochs`` epochs at learning rate ``lr``.
+
+    Most methods train in one phase. A method with several (FSP's Gram phase, then the task) lists them
+    in :meth:`Distiller.training_phases`; :func:`fit` runs them in order, calling
+    :meth:`Distiller.set_phase` before each and starting every phase with a fresh optimiser (so the
+    momentum is reset) and a fresh learning-rate schedule.
+    """
+
+    name: str
+    epochs: int
+    lr: float
+
+
+class Distiller(nn.Module):
+    """Base class of every method: a student, frozen teachers, and named loss terms.
+
+    Subclasses implement :meth:`forward`, which returns the student's logits and a dict of named loss
+    terms; :func:`fit` minimises their sum and logs each one.
+
+    * ``teacher``: one trained model, a sequence of them (an ensemble), or None. Teachers are frozen:
+      their parameters do not require gradients and they stay in eval mode while the method trains, so
+      their batch-norm statistics and dropout never change. ``self.teacher`` is the first,
+      ``self.teachers`` all of them.
+    * ``trainable_teacher_parts``: names of teacher submodules that *do* train with the student (a
+      partly trainable teacher, as in LSL): their parameters require gradients and follow the method's
+      train/eval mode.
+    * :meth:`teacher_outputs` runs a teacher (with the feature maps a method needs) or, during
+      :func:`fit`, asks an attached cache (:meth:`use_teacher_cache`) for the outputs it has already
+      computed for this batch.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | Sequence[nn.Module] | None = None,
+        *,
+        trainable_teacher_parts: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
             raise TypeError(f"The student must be an nn.Module, got {type(student).__name__}.")
+        teachers = [] if teacher is None else [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+        for index, model in enumerate(teachers):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"Teacher {index} must be an nn.Module, got {type(model).__name__}.")
+        if trainable_teacher_parts and not teachers:
+            raise ValueError("trainable_teacher_parts needs a teacher.")
         self.student = student
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.eval()
-            for parameter in teacher.parameters():
-                parameter.requires_grad_(False)
+        self.teachers = nn.ModuleList([freeze(model) for model in teachers])
+        self.trainable_teacher_parts = tuple(trainable_teacher_parts)
+        self._trainable_parts: list[nn.Module] = []
+        for model in self.teachers:
+            children = dict(model.named_modules())
+            unknown = [name for name in self.trainable_teacher_parts if name not in children]
+            if unknown:
+                raise ValueError(
+                    f"trainable_teacher_parts names {unknown}, which are not submodules of the teacher; "
+                    f"its top-level parts are {[name for name, _ in model.named_children()]}."
+                )
+            for name in self.trainable_teacher_parts:
+                children[name].requires_grad_(True)
+                self._trainable_parts.append(children[name])
+        self.phase = "train"
+        self._teacher_cache: TeacherOutputSource | None = None
+        self._position: tuple[int, int] | None = None
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The first (often the only) teacher."""
+        return self.teachers[0] if len(self.teachers) else None
+
+    @property
+    def teacher_trains(self) -> bool:
+        """Whether part of a teacher trains with the student (then its outputs cannot be cached)."""
+        return bool(self._trainable_parts)
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for teacher in self.teachers:
+            teacher.eval()
+        for part in self._trainable_parts:
+            part.train(mode)
         return self
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters the optimiser updates: the student's and any extra modules a method adds."""
+        """Parameters the optimiser updates: the student's, any extra modules a method adds, and the
+        trainable parts of a teacher."""
         return (p for p in self.parameters() if p.requires_grad)
 
+    def training_phases(self, epochs: int, lr: float) -> list[TrainingPhase]:
+        """The phases :func:`fit` runs for ``fit(..., epochs=epochs, lr=lr)``: one, unless overridden."""
+        return [TrainingPhase("train", epochs, lr)]
+
+    def set_phase(self, phase: str) -> None:
+        """Called by :func:`fit` before each of :meth:`training_phases`."""
+        self.phase = phase
+
+    def use_teacher_cache(self, source: TeacherOutputSource | None) -> None:
+        """Serve teacher outputs from ``source`` during training (None: always run the teachers)."""
+        if source is not None and self.teacher_trains:
+            raise ValueError(
+                "Part of this method's teacher trains with the student, so its outputs change every step "
+                "and cannot be cached; run it without a teacher cache."
+            )
+        self._teacher_cache = source
+
     def on_batch_start(self, epoch: int, batch: int) -> None:
-        """Called by :func:`fit` before each training batch, with zero-based epoch and batch indices.
+        """Called by :func:`fit` before each training batch: the loader's epoch and the batch index.
 
-        A method that caches teacher outputs, or changes a loss weight over training, keys on these.
+        A method that changes a loss weight over training keys on these; the teacher cache uses them to
+        find the batch. Subclasses that override it call ``super().on_batch_start(epoch, batch)``.
         """
+        self._position = (epoch, batch)
 
-    def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def on_batch_end(self) -> None:
+        """Called by :func:`fit` after each training batch (a position is good for one batch only)."""
+        self._position = None
+
+    def teacher_outputs(
+        self, images: Tensor, labels: Tensor, *, index: int = 0, layers: Sequence[str] = ()
+    ) -> TeacherOutputs:
+        """Teacher ``index``'s logits and the feature maps at ``layers`` for this batch.
+
+        Served by the teacher cache while :func:`fit` trains (if one is attached), otherwise computed.
+        A frozen teacher runs without gradients; a partly trainable one with them.
+        """
+        if not 0 <= index < len(self.teachers):
+            raise IndexError(f"This method has {len(self.teachers)} teacher(s); there is no teacher {index}.")
+        teacher = self.teachers[index]
+        layers = tuple(layers)
+        if self._teacher_cache is not None and self._position is not None and self.training:
+            epoch, batch = self._position
+            return self._teacher_cache.outputs(teacher, images, labels, layers, epoch, batch)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.teacher_trains):
+            return run_with_features(teacher, images, layers)
+
+    def forward(self, images: Tensor, labels: Tensor) -> tuple[Logits, dict[str, Tensor]]:
         raise NotImplementedError(f"{type(self).__name__} must implement forward(images, labels).")
+
+
+def run_with_features(model: nn.Module, images: Tensor, layers: Sequence[str] = ()) -> TeacherOutputs:
+    """Run ``model`` once: its output and the feature maps at ``layers`` (read with forward hooks)."""
+    if not layers:
+        return TeacherOutputs(model(images), {})
+    with FeatureExtractor(model, tuple(layers)) as extractor:
+        logits, features = extractor.forward_with_features(images)
+    return TeacherOutputs(logits, features)
 
 
 class CrossEntropy(Distiller):
@@ -123,6 +292,14 @@ def as_method(model_or_method: nn.Module) -> Distiller:
 def _student_of(model_or_method: nn.Module) -> nn.Module:
     """The network whose predictions count: a Distiller's student, or the model itself."""
     return model_or_method.student if isinstance(model_or_method, Distiller) else model_or_method
+
+
+def output_names(model: nn.Module, count: int) -> list[str]:
+    """Names of a model's ``count`` outputs: its ``exit_names`` when it has them, else output1, ..."""
+    names = getattr(_student_of(model), "exit_names", None)
+    if names is not None and len(names) == count:
+        return [str(name) for name in names]
+    return [f"output{k}" for k in range(1, count + 1)]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -374,9 +551,20 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+
+def resolve_device(device: DeviceLike = None) -> torch.device:
+    """The device rule: ``None`` means the current preset's device (``$KDBOOK_PRESET``), chosen by
+    :func:`choose_device`; anything else is passed to :func:`choose_device`."""
+    return choose_device(get_preset().device if device is None else device)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the model was put back to its last good epoch."""
 
 
 def fit(
@@ -392,7 +580,7 @@ def fit(
     schedule: Schedule = "cosine",
     milestones: Sequence[float] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    device: str | torch.device | None = None,
+    device: DeviceLike = None,
     amp: bool | str | torch.dtype | None = None,
     channels_last: bool | None = None,
     progress: bool = True,
@@ -403,22 +591,26 @@ def fit(
 
     Each step minimises the sum of the method's loss terms with SGD (Nesterov momentum 0.9, weight decay
     5e-4, the RepDistiller recipe) unless a ready ``optimizer`` is given; the learning rate follows
-    ``schedule`` (see :func:`lr_factor`), changed once per epoch. Stop it at any time (Ctrl-C, or the
-    notebook's stop button): it prints a notice and returns the epochs completed so far, and the model
-    keeps the weights it had when stopped.
+    ``schedule`` (see :func:`lr_factor`), changed once per epoch. A method with several
+    :meth:`~Distiller.training_phases` gets a fresh optimiser and schedule for each. Stop it at any time
+    (Ctrl-C, or the notebook's stop button): it prints a notice and returns the epochs completed so far,
+    and the model keeps the weights it had when stopped. A NaN or infinite loss stops training with a
+    :class:`NonFiniteLossError` that names the epoch, the batch and the loss term; the model is put back
+    to the weights of its last completed epoch.
 
     Args:
         method: what to train. Its parameters that require gradients are optimised (a frozen teacher's
             are not). Moved to ``device``; it is left in eval mode when training ends.
         train_loader, val_loader: iterables of ``(images, labels)`` batches, e.g. ``TensorLoader``. With a
             ``val_loader``, the student is evaluated after every epoch.
-        epochs: passes over ``train_loader``.
+        epochs: passes over ``train_loader`` (of the main phase, for a method with several).
         lr, momentum, weight_decay, nesterov: SGD settings (ignored when ``optimizer`` is given).
         schedule, milestones: the learning-rate schedule; ``milestones`` only matter for ``"step"``.
         optimizer: a ready optimiser over the method's parameters; the schedule scales its learning rates.
-        device: ``"auto"`` by default (CUDA, then MPS, then CPU); see :func:`choose_device`.
+        device: None means the device rule (:func:`resolve_device`).
         amp: mixed precision. Default: on for CUDA (bfloat16 where the GPU supports it, else float16 with
-            a gradient scaler), off elsewhere. ``"bf16"``/``"fp16"`` choose; False forces float32.
+            a gradient scaler), off elsewhere. ``"bf16"``/``"fp16"`` choose (``"bf16"`` also on CPUs with
+            native bfloat16); False forces float32.
         channels_last: store images and convolution weights as N, H, W, C, which the CPU (oneDNN) and GPU
             (cuDNN) convolutions run faster. Default: on for CPU and CUDA, off for MPS.
         progress: show progress bars (an epoch bar and a batch bar); False for silence.
@@ -426,18 +618,28 @@ def fit(
         grad_clip: if set, clip the gradient norm to this value before each step.
 
     Returns:
-        The history, a ``pandas.DataFrame`` with one row per completed epoch: ``epoch`` (from 1), one
-        column per loss term (``train_<term>``, epoch mean), ``train_loss`` (their sum), ``train_acc``
-        (fraction correct in [0, 1], measured on the fly while training), ``val_loss`` and ``val_acc``
-        (cross-entropy and accuracy of the student, with a ``val_loader``), ``lr``, and ``seconds`` (the
-        epoch's wall time, validation included).
+        The history, a ``pandas.DataFrame`` with one row per completed epoch: ``epoch`` (from 1),
+        ``phase`` (for a method with several phases), one column per loss term (``train_<term>``, epoch
+        mean), ``train_loss`` (their sum), ``train_acc`` (percent correct, measured on the fly while
+        training), ``val_loss`` and ``val_acc`` (cross-entropy and accuracy of the student, with a
+        ``val_loader``), ``lr``, and ``seconds`` (the epoch's wall time, validation included). A student
+        with several exits adds ``train_acc_<exit>`` and ``val_acc_<exit>`` per exit; ``train_acc`` and
+        ``val_acc`` are then those of its last exit.
     """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}.")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer; got {epochs!r}. Pass e.g. epochs=10.")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number; got {lr!r}. Typical values are 0.01-0.1 for SGD.")
     lr_factor(schedule, 0, epochs, milestones)  # reject an unknown schedule before any work
 
     method = as_method(method)
-    device = choose_device(device)
+    phases = method.training_phases(epochs, lr)
+    if optimizer is not None and len(phases) > 1:
+        raise ValueError(
+            f"{type(method).__name__} trains in {len(phases)} phases, each with a fresh optimiser; "
+            "let fit build them (do not pass optimizer=)."
+        )
+    device = resolve_device(device)
     amp_dtype = autocast_dtype(amp, device)
     scaler = _grad_scaler(amp_dtype, device)
     if channels_last is None:
@@ -450,97 +652,234 @@ def fit(
     method.to(device)
     if channels_last:
         method.to(memory_format=torch.channels_last)
-    if optimizer is None:
-        parameters = list(method.trainable_parameters())
-        if not parameters:
-            raise ValueError("The method has no trainable parameters (does everything require_grad=False?).")
-        optimizer = torch.optim.SGD(
-            parameters,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov and momentum > 0,
-        )
-    # A learning-rate schedule scales each group's initial rate (PyTorch's convention: "initial_lr").
-    base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
-
-    rows: list[dict[str, float]] = []
-    epoch_bar = tqdm(range(epochs), desc=desc or "training", unit="epoch", disable=not progress)
-    batch_bar = tqdm(
-        total=_length(train_loader), desc=f"epoch 1/{epochs}", unit="batch", leave=False, disable=not progress
-    )
-    epoch = 0
+    student = _student_of(method)
+    total_epochs = sum(phase.epochs for phase in phases)
+    rows: list[dict[str, Any]] = []
+    epoch_bar = tqdm(total=total_epochs, desc=desc or "training", unit="epoch", disable=not progress)
+    batch_bar = tqdm(total=_length(train_loader), unit="batch", leave=False, disable=not progress)
+    epoch = 0  # counts over all phases
+    checked_first_batch = False
+    good_state = _trainable_state(method)
     try:
-        for epoch in epoch_bar:
-            started = time.perf_counter()
-            for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base_lr * lr_factor(schedule, epoch, epochs, milestones)
-
-            # ---- one pass over the training data ----
-            method.train()
-            loss_sums: dict[str, Tensor] = {}  # term -> sum over samples, kept on the device
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            batch_bar.reset(total=_length(train_loader))
-            batch_bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
-            batch_bar.set_postfix({}, refresh=False)
-            last_postfix = time.monotonic()
-            for batch_index, (images, labels) in enumerate(train_loader):
-                images, labels = _to_device(images, labels, device, channels_last)
-                method.on_batch_start(epoch, batch_index)
-                with _autocast(device, amp_dtype):
-                    logits, losses = method(images, labels)
-                    loss = _total_loss(losses)
-
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # the scaler does nothing unless training in float16
-                if grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(method.trainable_parameters(), grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-
-                # Bookkeeping as tensor arithmetic: no waiting for the GPU here.
-                batch_size = labels.shape[0]
-                with torch.no_grad():
-                    for name, value in losses.items():
-                        weighted = value.detach().float() * batch_size
-                        loss_sums[name] = loss_sums[name] + weighted if name in loss_sums else weighted
-                    correct += (logits.detach().argmax(dim=1) == labels).sum()
-                seen += batch_size
-                batch_bar.update()
-                if progress and time.monotonic() - last_postfix > 0.5:  # reads the GPU twice a second at most
-                    last_postfix = time.monotonic()
-                    batch_bar.set_postfix(_running_summary(loss_sums, correct, seen), refresh=False)
-
-            if seen == 0:
-                raise ValueError("train_loader yielded no batches.")
-            # ---- the epoch's row of the history ----
-            row: dict[str, float] = {"epoch": epoch + 1}
-            means = {name: total.item() / seen for name, total in loss_sums.items()}
-            row.update({f"train_{name}": mean for name, mean in means.items()})
-            row["train_loss"] = sum(means.values())
-            row["train_acc"] = correct.item() / seen
-            if val_loader is not None:
-                method.eval()
-                scores = _evaluate(_student_of(method), val_loader, device, amp_dtype, channels_last)
-                row["val_loss"], row["val_acc"] = scores["loss"], scores["accuracy"]
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["seconds"] = time.perf_counter() - started
-            rows.append(row)
-            epoch_bar.set_postfix(_epoch_summary(row), refresh=True)
+        for phase in phases:
+            method.set_phase(phase.name)
+            phase_optimizer = optimizer or _sgd(method, phase.lr, momentum, weight_decay, nesterov)
+            base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in phase_optimizer.param_groups]
+            for phase_epoch in range(phase.epochs):
+                started = time.perf_counter()
+                for group, base_lr in zip(phase_optimizer.param_groups, base_lrs):
+                    group["lr"] = base_lr * lr_factor(schedule, phase_epoch, phase.epochs, milestones)
+                method.train()
+                batches = iter(train_loader)
+                loader_epoch = getattr(train_loader, "current_epoch", None)
+                loader_epoch = epoch if loader_epoch is None else int(loader_epoch)
+                tally = _EpochTally(device)
+                batch_bar.reset(total=_length(train_loader))
+                batch_bar.set_description(f"epoch {epoch + 1}/{total_epochs}", refresh=False)
+                last_postfix = time.monotonic()
+                for batch_index, (images, labels) in enumerate(batches):
+                    images, labels = _to_device(images, labels, device, channels_last)
+                    if not checked_first_batch:
+                        check_batch(images, labels, student, where="the first training batch")
+                        checked_first_batch = True
+                    method.on_batch_start(loader_epoch, batch_index)
+                    with _autocast(device, amp_dtype):
+                        logits, losses = method(images, labels)
+                        loss = _total_loss(losses)
+                    method.on_batch_end()
+                    phase_optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()  # the scaler does nothing unless training in float16
+                    if grad_clip is not None:
+                        scaler.unscale_(phase_optimizer)
+                        nn.utils.clip_grad_norm_(method.trainable_parameters(), grad_clip)
+                    scaler.step(phase_optimizer)
+                    scaler.update()
+                    tally.add(batch_index, losses, logits, labels)
+                    batch_bar.update()
+                    if progress and time.monotonic() - last_postfix > 0.5:  # reads the GPU twice a second
+                        last_postfix = time.monotonic()
+                        batch_bar.set_postfix(tally.running_summary(), refresh=False)
+                if tally.seen == 0:
+                    raise ValueError("train_loader yielded no batches: is the data set empty?")
+                problem = tally.non_finite()
+                if problem is not None:
+                    _load_trainable_state(method, good_state)
+                    batch, terms = problem
+                    error = NonFiniteLossError(
+                        f"The loss became NaN or infinite at epoch {epoch + 1}, batch {batch + 1}"
+                        f"{f' (phase {phase.name!r})' if len(phases) > 1 else ''}, in the term(s) {terms}. "
+                        "The model was put back "
+                        f"to the weights after epoch {epoch} and the history of the completed epochs is "
+                        "in this error's .history. Try a smaller learning rate (lr), a smaller loss weight "
+                        "or temperature, gradient clipping (grad_clip=1.0), or check the data for NaN or "
+                        "infinite values."
+                    )
+                    error.history = pd.DataFrame(rows)  # type: ignore[attr-defined]
+                    raise error
+                row: dict[str, Any] = {"epoch": epoch + 1}
+                if len(phases) > 1:
+                    row["phase"] = phase.name
+                row.update(tally.row(output_names(method, tally.outputs)))
+                if val_loader is not None:
+                    method.eval()
+                    row.update(_validation_columns(student, val_loader, device, amp_dtype, channels_last))
+                row["lr"] = phase_optimizer.param_groups[0]["lr"]
+                row["seconds"] = time.perf_counter() - started
+                rows.append(row)
+                good_state = _trainable_state(method)
+                epoch += 1
+                epoch_bar.update()
+                epoch_bar.set_postfix(_epoch_summary(row), refresh=True)
     except KeyboardInterrupt:
         print(
-            f"Training interrupted during epoch {epoch + 1}/{epochs}: returning the history of the "
+            f"Training interrupted during epoch {epoch + 1}/{total_epochs}: returning the history of the "
             f"{len(rows)} completed epoch(s); the model keeps its current weights."
         )
     finally:
+        method.on_batch_end()
         batch_bar.close()
         epoch_bar.close()
         method.eval()
     if not rows:  # interrupted in the first epoch: an empty table that still names the usual columns
         return pd.DataFrame(columns=["epoch", "train_loss", "train_acc", "lr", "seconds"])
     return pd.DataFrame(rows)
+
+
+def _sgd(
+    method: Distiller, lr: float, momentum: float, weight_decay: float, nesterov: bool
+) -> torch.optim.Optimizer:
+    parameters = list(method.trainable_parameters())
+    if not parameters:
+        raise ValueError(
+            "The method has no trainable parameters: every parameter has requires_grad=False. A frozen "
+            "teacher cannot be trained; pass the student (or a Distiller around it)."
+        )
+    return torch.optim.SGD(
+        parameters, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0
+    )
+
+
+def _trainable_state(method: Distiller) -> dict[str, Tensor]:
+    """A copy of everything training changes (frozen teachers left out): the last good epoch's state."""
+    frozen = "" if method.teacher_trains else "teachers."
+    return {
+        name: value.detach().clone()
+        for name, value in method.state_dict().items()
+        if not (frozen and name.startswith(frozen))
+    }
+
+
+def _load_trainable_state(method: Distiller, state: dict[str, Tensor]) -> None:
+    method.load_state_dict(state, strict=False)
+
+
+class _EpochTally:
+    """Sums of the loss terms, correct answers per output and the first non-finite batch, as tensors on
+    the device (no waiting for the GPU until the epoch ends)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss_sums: dict[str, Tensor] = {}
+        self.correct: Tensor | None = None  # one count per output
+        self.outputs = 1
+        self.seen = 0
+        self.first_bad_batch = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_terms: Tensor | None = None  # which terms were non-finite in the first bad batch
+        self.names: list[str] = []
+
+    def add(self, batch_index: int, losses: dict[str, Tensor], logits: Logits, labels: Tensor) -> None:
+        batch_size = labels.shape[0]
+        with torch.no_grad():
+            if not self.names:
+                self.names = list(losses)
+            values = torch.stack([losses[name].detach().float().reshape(()) for name in self.names])
+            finite = torch.isfinite(values)
+            first = (self.first_bad_batch < 0) & ~finite.all()
+            self.first_bad_batch = torch.where(first, torch.full_like(self.first_bad_batch, batch_index),
+                                               self.first_bad_batch)  # fmt: skip
+            self.bad_terms = torch.where(first, ~finite, self.bad_terms if self.bad_terms is not None else ~finite)
+            for name, value in zip(self.names, values):
+                weighted = value * batch_size
+                self.loss_sums[name] = self.loss_sums[name] + weighted if name in self.loss_sums else weighted
+            outputs = logits if isinstance(logits, (list, tuple)) else [logits]
+            self.outputs = len(outputs)
+            correct = torch.stack([(out.detach().argmax(dim=1) == labels).sum() for out in outputs])
+            self.correct = correct if self.correct is None else self.correct + correct
+        self.seen += batch_size
+
+    def non_finite(self) -> tuple[int, str] | None:
+        batch = int(self.first_bad_batch.item())
+        if batch < 0:
+            return None
+        assert self.bad_terms is not None
+        terms = [name for name, bad in zip(self.names, self.bad_terms.tolist()) if bad]
+        return batch, ", ".join(repr(t) for t in terms)
+
+    def row(self, names: list[str]) -> dict[str, float]:
+        means = {name: total.item() / self.seen for name, total in self.loss_sums.items()}
+        row = {f"train_{name}": mean for name, mean in means.items()}
+        row["train_loss"] = sum(means.values())
+        assert self.correct is not None
+        accuracies = (100.0 * self.correct.double() / self.seen).tolist()
+        row["train_acc"] = accuracies[-1]
+        if len(accuracies) > 1:
+            row.update({f"train_acc_{name}": value for name, value in zip(names, accuracies)})
+        return row
+
+    def running_summary(self) -> dict[str, str]:
+        """The batch bar's postfix: this epoch's running mean loss and accuracy (reads the device)."""
+        loss = sum(total.item() for total in self.loss_sums.values()) / self.seen
+        accuracy = 100.0 * self.correct[-1].item() / self.seen if self.correct is not None else 0.0
+        return {"loss": f"{loss:.3f}", "acc": f"{accuracy:.1f}%"}
+
+
+def _validation_columns(
+    student: nn.Module, loader: Batches, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool
+) -> dict[str, float]:
+    scores = _evaluate(student, loader, device, amp_dtype, channels_last)
+    columns = {"val_loss": scores["loss"], "val_acc": scores["accuracy"]}
+    for name, value in scores.get("per_output", {}).items():
+        columns[f"val_acc_{name}"] = value
+    return columns
+
+
+def check_batch(images: Tensor, labels: Tensor, model: nn.Module | None = None, *, where: str = "a batch") -> None:
+    """Refuse a batch a model cannot learn from, with the fix: images must be a float tensor
+    ``(N, C, H, W)`` of finite values, labels int64 ``(N,)`` class indices in range."""
+    if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError(
+            f"{where} must be (images, labels) tensors; got ({type(images).__name__}, {type(labels).__name__})."
+        )
+    if not images.is_floating_point():
+        raise TypeError(
+            f"The images of {where} are {images.dtype}, but models need floating-point images scaled and "
+            "normalised. Load them through kdbook_utils.data.TensorLoader, or convert with "
+            "images.float() / 255 and normalise."
+        )
+    if images.dim() != 4:
+        raise ValueError(
+            f"The images of {where} have shape {tuple(images.shape)}; expected (batch, channels, height, "
+            "width). Add the batch dimension with images.unsqueeze(0) for a single image."
+        )
+    if labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1 or len(labels) != len(images):
+        raise ValueError(
+            f"The labels of {where} must be an integer tensor of shape ({len(images)},), one class index per "
+            f"image; got {labels.dtype} of shape {tuple(labels.shape)}."
+        )
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(
+            f"The images of {where} contain NaN or infinite values; clean the data (e.g. torch.nan_to_num) "
+            "before training."
+        )
+    classes = getattr(model, "num_classes", None) if model is not None else None
+    if len(labels):
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or (isinstance(classes, int) and high >= classes):
+            limit = f"0..{classes - 1}" if isinstance(classes, int) else "0 or more"
+            raise ValueError(
+                f"The labels of {where} must be class indices in {limit}; found values from {low} to {high}. "
+                "Does the model have as many classes as the data (create_model(name, data.num_classes))?"
+            )
 
 
 def _length(loader: Batches) -> int | None:
@@ -574,16 +913,10 @@ def _total_loss(losses: dict[str, Tensor]) -> Tensor:
     return total
 
 
-def _running_summary(loss_sums: dict[str, Tensor], correct: Tensor, seen: int) -> dict[str, str]:
-    """The batch bar's postfix: the running mean loss and accuracy of this epoch (reads the device)."""
-    loss = sum(total.item() for total in loss_sums.values()) / seen
-    return {"loss": f"{loss:.3f}", "acc": f"{correct.item() / seen:.1%}"}
-
-
 def _epoch_summary(row: dict[str, float]) -> dict[str, str]:
-    summary = {"loss": f"{row['train_loss']:.3f}", "acc": f"{row['train_acc']:.1%}"}
+    summary = {"loss": f"{row['train_loss']:.3f}", "acc": f"{row['train_acc']:.1f}%"}
     if "val_acc" in row:
-        summary["val_acc"] = f"{row['val_acc']:.1%}"
+        summary["val_acc"] = f"{row['val_acc']:.1f}%"
     return summary
 
 
@@ -592,15 +925,16 @@ def _epoch_summary(row: dict[str, float]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def evaluate(model_or_method: nn.Module, loader: Batches, device: str | torch.device | None = None) -> dict:
-    """Accuracy and mean cross-entropy of a model (a Distiller's student) on every batch of ``loader``.
+def evaluate(model_or_method: nn.Module, loader: Batches, device: DeviceLike = None) -> dict[str, Any]:
+    """Accuracy (percent) and mean cross-entropy of a model (a Distiller's student) on ``loader``.
 
-    Returns ``{"accuracy": fraction in [0, 1], "loss": mean cross-entropy, "count": images seen}``. Runs in
-    eval mode without gradients, on ``device`` (default: where the model already is); the model's
-    train/eval mode is restored afterwards.
+    Returns ``{"accuracy": percent, "loss": mean cross-entropy, "count": images seen}``; for a model with
+    several exits, ``accuracy`` and ``loss`` are its last exit's and ``"per_output"`` holds
+    ``{exit name: percent}``. Runs in eval mode without gradients on ``device`` (None: the device rule);
+    the model's train/eval mode is restored afterwards.
     """
     model = _student_of(model_or_method)
-    device = _model_device(model) if device is None else choose_device(device)
+    device = resolve_device(device)
     was_training = model.training
     model.to(device).eval()
     try:
@@ -615,45 +949,63 @@ def _evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     channels_last: bool,
-) -> dict:
+) -> dict[str, Any]:
     """The evaluation loop proper (the model is already on ``device`` and in eval mode)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct: Tensor | None = None
     count = 0
+    outputs = 1
     with torch.inference_mode():
         for images, labels in loader:
             images, labels = _to_device(images, labels, device, channels_last)
+            if count == 0:
+                check_batch(images, labels, model, where="the first evaluation batch")
             with _autocast(device, amp_dtype):
                 logits = model(images)
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-            correct += (logits.argmax(dim=1) == labels).sum()
+            every = list(logits) if isinstance(logits, (list, tuple)) else [logits]
+            outputs = len(every)
+            loss_sum += F.cross_entropy(every[-1].float(), labels, reduction="sum")
+            hits = torch.stack([(out.argmax(dim=1) == labels).sum() for out in every])
+            correct = hits if correct is None else correct + hits
             count += labels.shape[0]
-    if count == 0:
-        raise ValueError("The loader yielded no batches to evaluate.")
-    return {"accuracy": correct.item() / count, "loss": loss_sum.item() / count, "count": count}
+    if count == 0 or correct is None:
+        raise ValueError("The loader yielded no batches to evaluate: is the data set empty?")
+    accuracies = (100.0 * correct.double() / count).tolist()
+    scores: dict[str, Any] = {"accuracy": accuracies[-1], "loss": loss_sum.item() / count, "count": count}
+    if outputs > 1:
+        scores["per_output"] = dict(zip(output_names(model, outputs), accuracies))
+    return scores
 
 
-def predict(
-    model: nn.Module, loader: Batches, device: str | torch.device | None = None
-) -> tuple[Tensor, Tensor]:
+def predict(model: nn.Module, loader: Batches, device: DeviceLike = None) -> tuple[Logits, Tensor]:
     """The model's (a Distiller's student's) logits for every batch of ``loader``, with the labels.
 
-    Returns ``(logits, labels)`` on the CPU, logits as float32 of shape (N, classes), in loader order.
+    Returns ``(logits, labels)`` on the CPU, logits as float32 of shape (N, classes), in loader order; a
+    model with several exits gives a list with one such tensor per exit.
     """
     model = _student_of(model)
-    device = _model_device(model) if device is None else choose_device(device)
+    device = resolve_device(device)
     was_training = model.training
     model.to(device).eval()
     channels_last = _uses_channels_last(model)
-    all_logits, all_labels = [], []
+    per_output: list[list[Tensor]] = []
+    all_labels = []
+    multiple = False
     try:
         with torch.inference_mode():
             for images, labels in loader:
                 images, labels = _to_device(images, labels, device, channels_last)
-                all_logits.append(model(images).float().cpu())
+                logits = model(images)
+                multiple = isinstance(logits, (list, tuple))
+                every = list(logits) if multiple else [logits]
+                if not per_output:
+                    per_output = [[] for _ in every]
+                for bucket, out in zip(per_output, every):
+                    bucket.append(out.float().cpu())
                 all_labels.append(labels.cpu())
     finally:
         model.train(was_training)
-    if not all_logits:
-        raise ValueError("The loader yielded no batches to predict.")
-    return torch.cat(all_logits), torch.cat(all_labels)
+    if not all_labels:
+        raise ValueError("The loader yielded no batches to predict: is the data set empty?")
+    stacked = [torch.cat(bucket) for bucket in per_output]
+    return (stacked if multiple else stacked[0]), torch.cat(all_labels)

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from kdbook_utils.errors import Seen, closest, must_be
+from kdbook_utils.features import layer_table
 
 __all__ = ["InteractiveFigure", "interactive_figure", "layer_dropdown", "layer_options", "make_control"]
 
@@ -289,8 +290,6 @@ def layer_options(
     model: nn.Module, input_shape: Sequence[int], feature_points_only: bool = True
 ) -> list[tuple[str, str]]:
     """``[("stage2 (32x16x16)", "stage2"), ...]``: the model's layers labelled with their output shapes."""
-    from kdbook_utils.features import layer_table
-
     table = layer_table(model, input_shape)
     if feature_points_only:
         table = table[table["feature_point"].astype(bool)]

@@ -36,6 +36,6 @@ def test_resnet8_learns_real_cifar10_in_two_short_epochs(cifar10_root: Path) -> 
     )
 
     # Chance is 10 %; an untrained net sits near it, two short epochs on 6,000 real images get well past it.
-    assert before < 0.2
-    assert history["val_acc"].iloc[-1] > 0.30
+    assert before < 20  # percent
+    assert history["val_acc"].iloc[-1] > 30
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]

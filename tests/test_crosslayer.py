@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kdbook_utils.data import TensorLoader, load_dataset
+from kdbook_utils.experiments import TeacherOutputCache
 from kdbook_utils.methods.crosslayer import (
     ENSEMBLE_MODES,
     CrossLayerDistiller,
-    CrossLayerSettings,
-    ablation_grid,
     adapt_teacher,
     cross_layer_pairs,
     ensemble_weights,
@@ -19,9 +19,10 @@ from kdbook_utils.methods.crosslayer import (
     fsp_matrix,
     gram_loss,
     kl_loss,
-    unique_settings,
     weighted_mean,
 )
+from kdbook_utils.methods.hinton import kd_loss
+from kdbook_utils.train import fit
 from kdbook_utils.models import create_model
 
 
@@ -144,6 +145,11 @@ def test_kl_loss_forward_matches_torch_and_vanishes_at_the_target() -> None:
     assert kl_loss(teacher_logits, probs, mode="symmetric").abs().item() < 1e-6
 
 
+def test_kl_loss_at_t1_with_one_teacher_is_lesson_1s_kd_loss() -> None:
+    logits, teacher_logits = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    assert torch.allclose(kl_loss(logits, F.softmax(teacher_logits, 1)), kd_loss(logits, teacher_logits, 1.0))
+
+
 def test_kl_loss_symmetric_is_the_mean_of_both_directions() -> None:
     logits, teacher_logits = torch.randn(4, 5), torch.randn(4, 5)
     p_t, log_s = F.softmax(teacher_logits, dim=1), F.log_softmax(logits, dim=1)
@@ -152,7 +158,7 @@ def test_kl_loss_symmetric_is_the_mean_of_both_directions() -> None:
     assert kl_loss(logits, p_t, mode="symmetric").item() == pytest.approx(0.5 * (forward + reverse).item(), rel=1e-5)
 
 
-# ---- the gradient identities of spec §4.4 ----------------------------------------------------------------
+# ---- the two gradient identities behind the ensemble's mean target ---------------------------------------
 
 
 def student_gradient(loss_fn, parameter: torch.Tensor) -> torch.Tensor:
@@ -223,6 +229,7 @@ def small_pair(num_teachers: int = 1, classes: int = 5) -> tuple[nn.Module, list
 def test_every_ensemble_mode_runs_both_phases(ensemble: str) -> None:
     student, teachers = small_pair(3)
     method = CrossLayerDistiller(student, teachers, ensemble=ensemble, input_shape=(3, 16, 16))
+    method.set_phase("gram")
     images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
     method.train()
     logits, losses = method(images, labels)
@@ -242,15 +249,16 @@ def test_mean_ensemble_of_identical_teachers_equals_one_teacher() -> None:
     images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
     one = CrossLayerDistiller(student, [teacher]).eval()
     three = CrossLayerDistiller(student, [teacher] * 3).eval()
+    one.set_phase("gram"), three.set_phase("gram")
     assert torch.allclose(one(images, labels)[1]["gram"], three(images, labels)[1]["gram"], rtol=1e-5)
 
 
 def test_task_phase_switches() -> None:
     student, teachers = small_pair(1)
     images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
-    method = CrossLayerDistiller(student, teachers, phase="task", use_kl=False)
-    assert set(method(images, labels)[1]) == {"ce"}
-    method = CrossLayerDistiller(student, teachers, phase="task", gram_in_task_phase=True)
+    method = CrossLayerDistiller(student, teachers, use_kl=False)
+    assert set(method(images, labels)[1]) == {"ce"}  # phase B ("task") unless fit says otherwise
+    method = CrossLayerDistiller(student, teachers, gram_in_task_phase=True)
     assert set(method(images, labels)[1]) == {"ce", "kl", "gram"}
     with pytest.raises(ValueError, match="phase"):
         method.set_phase("both")
@@ -284,6 +292,7 @@ def test_adapter_reduces_teacher_channels_to_the_students() -> None:
     assert [s[0] for s in shapes.values()] == [s[0] for s in student_shapes.values()]
     assert adapted.stage2 is teacher.stage2  # the teacher's stages are reused, not copied
     method = CrossLayerDistiller(student, adapted, k=4, input_shape=(3, 16, 16))
+    method.set_phase("gram")
     _, losses = method(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
     assert torch.isfinite(losses["gram"])
 
@@ -294,18 +303,6 @@ def test_unequal_checkpoint_lists_are_rejected() -> None:
         CrossLayerDistiller(student, teachers, teacher_points=["stem", "stage1"])
 
 
-# ---- ablation bookkeeping -----------------------------------------------------------------------------------
-
-
-def test_ablation_grid_shares_identical_settings() -> None:
-    groups = ablation_grid()
-    unique = unique_settings(groups)
-    assert len(unique) == len(set(unique)) == 7  # alone, cross-1/2/3, +KL, +KL with 2 and 3 teachers
-    labels = [s.label for s in unique]
-    assert len(set(labels)) == len(labels)
-    assert CrossLayerSettings(num_teachers=0).label == "student alone"
-
-
 # ---- the zoo models of this lesson ----------------------------------------------------------------------------
 
 
@@ -313,7 +310,7 @@ def test_paper_resnets_have_the_spec_parameter_counts() -> None:
     from kdbook_utils.metrics import count_parameters
 
     teacher, student = create_model("resnet32w", 100), create_model("resnet8w", 100)
-    assert count_parameters(teacher, include_batchnorm=False) == 7_423_940  # spec §1.4
+    assert count_parameters(teacher, include_batchnorm=False) == 7_423_940  # TF-base ResNet-32/8 widths
     assert count_parameters(student, include_batchnorm=False) == 1_230_788
 
 
@@ -345,115 +342,57 @@ def test_fsp_matrices_name_missing_checkpoints() -> None:
         fsp_matrices({"a": torch.zeros(1, 1, 2, 2)}, [("a", "b")])
 
 
-# ---- the exercises ---------------------------------------------------------------------------------------------
-
-
-def test_fsp_exercise_accepts_a_right_answer_and_explains_wrong_ones(capsys: pytest.CaptureFixture[str]) -> None:
-    from kdbook_utils.exercises.crosslayer import check_fsp_matrix
-
-    def right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("nihw,njhw->nij", a, b) / (a.shape[2] * a.shape[3])
-
-    assert check_fsp_matrix(right)
-    assert not check_fsp_matrix(lambda a, b: torch.einsum("nihw,njhw->nij", a, b))
-    assert "H*W" in capsys.readouterr().out.splitlines()[-1]
-    assert not check_fsp_matrix(lambda a, b: right(b, a))
-    assert "swapped" in capsys.readouterr().out
-    assert not check_fsp_matrix(lambda a, b: 1 / 0)
-    assert "ZeroDivisionError" in capsys.readouterr().out
-
-
-def test_cross_two_layers_exercise(capsys: pytest.CaptureFixture[str]) -> None:
-    from kdbook_utils.exercises.crosslayer import check_cross_two_layers
-
-    right = [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3"), ("stem", "stage2"), ("stage1", "stage3")]
-    assert check_cross_two_layers(right)
-    assert check_cross_two_layers(list(reversed(right)))  # order does not matter
-    assert not check_cross_two_layers([("stem", "stage2"), ("stage1", "stage3")])
-    assert "exact" in capsys.readouterr().out
-    assert not check_cross_two_layers(right[:-1])
-    assert "Missing" in capsys.readouterr().out
-    assert not check_cross_two_layers([("stage2", "stem")])
-    assert not check_cross_two_layers([("conv1", "stage1")])
-
-
 # ---- the teacher cache and the two-phase procedure ----------------------------------------------------------------
 
 
 def tiny_digits(size: int = 8, count: int = 96) -> object:
-    from kdbook_utils.data import load_dataset
-    from kdbook_utils.methods.crosslayer import at_resolution
-
-    return at_resolution(load_dataset("digits", "train"), size).subset(count, seed=0)
+    return load_dataset("digits", "train").resized(size).subset(count, seed=0)
 
 
 def test_cached_teacher_targets_equal_live_ones() -> None:
-    from kdbook_utils.data import TensorLoader
-    from kdbook_utils.methods.crosslayer import TeacherFeatureCache
-
     data = tiny_digits()
     student, teachers = small_pair(2, classes=10)
-    for teacher in teachers:
-        teacher.eval()
-    cache = TeacherFeatureCache(teachers, data, teachers[0].feature_points)
     loader = TensorLoader(data, 32, train=True, augment=False, seed=3)
-    cached = CrossLayerDistiller(student, teachers, cache=cache.attach(loader)).train()
+    cache = TeacherOutputCache()
+    cached = CrossLayerDistiller(student, teachers).train()
+    cached.use_teacher_cache(cache.for_loader(loader))
     live = CrossLayerDistiller(student, teachers).train()
-    next(iter(loader))  # epoch 0 is skipped: the cache must follow the loader's own epoch counter
+    next(iter(loader))  # epoch 0 is skipped: the cache follows the loader's own epoch
     for phase in ("gram", "task"):
         cached.set_phase(phase), live.set_phase(phase)
-        for batch, (images, labels) in enumerate(loader):
-            cached.on_batch_start(0, batch)
-            with torch.no_grad():
-                expected = live(images, labels)[1]
-                got = cached(images, labels)[1]
-            assert got.keys() == expected.keys()
-            for term in got:
-                assert torch.allclose(got[term], expected[term], rtol=1e-4, atol=1e-6), term
+        for _ in range(2):  # the first pass fills the cache, the second is served from it
+            for batch, (images, labels) in enumerate(loader):
+                cached.on_batch_start(loader.current_epoch, batch)
+                with torch.no_grad():
+                    expected = live(images, labels)[1]
+                    got = cached(images, labels)[1]
+                cached.on_batch_end()
+                assert got.keys() == expected.keys()
+                for term in got:
+                    assert torch.allclose(got[term], expected[term], rtol=1e-4, atol=1e-6), term
+    assert cache.hits > 0
 
 
-def test_cache_refuses_augmented_loaders_and_foreign_batches() -> None:
-    from kdbook_utils.data import TensorLoader
-    from kdbook_utils.methods.crosslayer import TeacherFeatureCache
-
-    data = tiny_digits()
-    student, teachers = small_pair(1, classes=10)
-    cache = TeacherFeatureCache(teachers, data, teachers[0].feature_points)
-    with pytest.raises(ValueError, match="augment"):
-        cache.attach(TensorLoader(data, 32, train=True))
-    method = CrossLayerDistiller(student, teachers, cache=cache.attach(TensorLoader(data, 32, train=True, augment=False)))
-    other = TensorLoader(data, 32, train=True, augment=False, seed=99)
-    images, labels = next(iter(other))
-    cache.loader.epoch = 1  # as if an epoch of the attached loader were running
-    method.train().on_batch_start(0, 0)
-    with pytest.raises(RuntimeError, match="attached"):
-        method(images, labels)
-
-
-def test_train_cross_layer_runs_both_phases_and_records_snapshots() -> None:
-    from kdbook_utils.data import TensorLoader
-    from kdbook_utils.methods.crosslayer import train_cross_layer
-
+def test_fit_runs_both_phases_and_the_distiller_records_snapshots() -> None:
     data = tiny_digits()
     student, teachers = small_pair(1, classes=10)
     loader = TensorLoader(data, 32, train=True)
     fixed = next(iter(TensorLoader(data, 8, train=False)))[0]
-    history, method = train_cross_layer(student, teachers, loader, gram_epochs=2, task_epochs=1, lr=0.01,
-                                        progress=False, snapshot_images=fixed)
+    method = CrossLayerDistiller(student, teachers, gram_epochs=2, gram_lr=0.01, snapshot_images=fixed)
+    history = fit(method, loader, epochs=1, lr=0.01, progress=False)
+    method.record_snapshot()
     assert history["phase"].tolist() == ["gram", "gram", "task"]
+    assert history["lr"].tolist()[:2] != history["lr"].tolist()[2:]  # phase A at gram_lr
     assert history["train_gram"].notna().tolist() == [True, True, False]
     assert history.loc[2, ["train_ce", "train_kl"]].notna().all()
-    assert [(s["phase"], s["epoch"]) for s in method.snapshots] == [("gram", 0), ("gram", 1), ("gram", 2),
-                                                                     ("task", 0), ("task", 1)]
-    first, last = method.snapshots[0]["grams"], method.snapshots[2]["grams"]
-    assert set(first) == set(method.pairs) and first[("stem", "stage1")].shape == (4, 8)  # width 0.125: 4 and 8 channels
-    assert not torch.equal(first[("stem", "stage3")], last[("stem", "stage3")])  # phase A changed the student
+    assert [(s["phase"], s["epoch"]) for s in method.snapshots] == [("gram", 0), ("gram", 1), ("task", 0), ("task", 1)]
+    first, after_a = method.snapshots[0]["grams"], method.snapshots[2]["grams"]
+    assert set(first) == set(method.pairs) and first[("stem", "stage1")].shape == (4, 8)  # width 0.125: 4 and 8
+    assert not torch.equal(first[("stem", "stage3")], after_a[("stem", "stage3")])  # phase A changed the student
 
 
 def test_mobilenet9_consumes_an_imagenet64_batch(tmp_path) -> None:
     import numpy as np
-
-    from kdbook_utils.data import TensorLoader, load_dataset
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "imagenet64"

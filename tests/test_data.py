@@ -550,13 +550,36 @@ def test_imagenet64_missing_or_download_explains(tmp_path: Path) -> None:
         load_dataset("imagenet64", "train", root=tmp_path, download=True)
 
 
-def test_preset_data_uses_the_preset_subsets() -> None:
-    quick_train, quick_test = preset_data(get_preset("quick"))
-    assert (quick_train.split, quick_test.split, quick_train.name) == ("train", "test", "digits")
-    assert len(quick_train) == len(load_dataset("digits", "train"))
-    small = get_preset("quick").replace(train_subset=100, test_subset=50)
-    train, test = preset_data(small)
-    assert (len(train), len(test)) == (100, 50) and train.class_counts().tolist() == [10] * 10
+def test_preset_data_holds_out_a_validation_split_and_uses_the_preset_subsets() -> None:
+    preset = get_preset("quick")
+    splits = preset_data(preset)
+    assert (splits.train.split, splits.val.split, splits.test.split) == ("train", "val", "test")
+    full = load_dataset("digits", "train")
+    assert len(splits.val) == preset.val_size and len(splits.train) + len(splits.val) == len(full)
+    # stratified, disjoint, and the same hold-out every time
+    assert splits.val.class_counts().min() >= preset.val_size // 10 - 1
+    seen = {bytes(image.numpy()) for image in splits.train.images}
+    assert not any(bytes(image.numpy()) in seen for image in splits.val.images)
+    assert torch.equal(preset_data(preset).val.images, splits.val.images)
+
+    small = preset.replace(train_subset=100, test_subset=50)
+    train, val, test = preset_data(small)
+    assert (len(train), len(val), len(test)) == (100, preset.val_size, 50)
+    assert train.class_counts().tolist() == [10] * 10
+
+
+def test_holdout_and_resized() -> None:
+    data = load_dataset("digits", "train", subset=200, seed=0)
+    rest, held = data.holdout(50, seed=3)
+    assert (len(rest), len(held)) == (150, 50) and held.class_counts().tolist() == [5] * 10
+    with pytest.raises(ValueError, match="between 1 and 199"):
+        data.holdout(200)
+    small = data.resized(8)
+    assert small.images.shape == (200, 3, 8, 8) and small.images.dtype == torch.uint8
+    assert data.resized(32) is data
+    # the digits are 8x8 scans upsampled to 32x32: going back to 8x8 and up again changes little
+    back = torch.nn.functional.interpolate(small.images.float(), size=32, mode="bilinear", align_corners=False)
+    assert (back - data.images.float()).abs().mean() < 20
 
 
 # ------------------------------------------------------------------------------------------- real CIFAR-10

@@ -14,30 +14,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kdbook_utils.data import load_dataset
-from kdbook_utils.exercises.mskd import check_exit_loss, check_threshold_for_budget
+from kdbook_utils.lessons.mskd import plot_exit_accuracies
+from kdbook_utils.methods.hinton import kd_loss
 from kdbook_utils.methods.mskd import (
-    FINAL_EXIT,
     MSKD,
     ExitHeadsCrossEntropy,
-    ExitRun,
-    MultiExit,
     MultiExitCrossEntropy,
     OtO,
-    cached_teacher_exits,
-    default_exit_points,
-    distillation_kl,
     early_exit,
     ensemble_probabilities,
-    exit_accuracy_table,
-    exit_costs,
+    exit_accuracies,
     exit_loss,
     mskd_loss,
-    per_exit_accuracy,
-    plot_exit_accuracies,
     threshold_sweep,
-    train_teacher_exits,
 )
+from kdbook_utils.models.multi_exit import FINAL_EXIT, MultiExit, default_exit_points, exit_costs
+from kdbook_utils.train import fit
 from kdbook_utils.metrics import count_flops, count_parameters
 from kdbook_utils.models import create_model
 
@@ -166,7 +158,7 @@ def test_bad_models_and_options_are_refused() -> None:
         MultiExit(create_model("resnet8", 3), exits="stage1")
 
 
-def test_default_exit_points_follow_the_spec() -> None:
+def test_default_exit_points_follow_the_paper_tables() -> None:
     assert default_exit_points(create_model("resnet50_cifar", 3)) == ("stage1", "stage2", "stage3")
     assert default_exit_points(create_model("vgg13", 3)) == ("block1", "block2", "block3")
     assert default_exit_points(create_model("wrn40_2", 3)) == ("stage1", "stage2")
@@ -187,7 +179,6 @@ def test_exit_costs_add_up() -> None:
     assert costs.loc[FINAL_EXIT, "early_exit_macs"] == full + costs["head_macs"].sum()
     # A stage-1 head copies stages 2-4, so its path costs about as much as the whole network.
     assert costs.loc["stage1", "path_macs"] == pytest.approx(full, rel=0.01)
-    assert (costs["early_exit_flops"] == 2 * costs["early_exit_macs"]).all()
     # Light heads are far cheaper.
     light = exit_costs(MultiExit(create_model("resnet10_cifar", 10, base_width=8), heads="light"))
     assert (light["head_macs"].iloc[:-1] < 0.5 * costs["head_macs"].iloc[:-1]).all()
@@ -205,14 +196,19 @@ def _kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     return (p_t * torch.log(p_t / p_s)).sum(1).mean()
 
 
-def test_distillation_kl_is_t_squared_forward_kl() -> None:
+def test_the_exit_kl_is_lesson_1s_kd_loss_and_its_symmetric_variant() -> None:
     torch.manual_seed(0)
-    student, teacher = torch.randn(5, 4), torch.randn(5, 4) * 2
-    expected = 9.0 * _kl_by_hand(student, teacher, 3.0)
-    assert torch.allclose(distillation_kl(student, teacher, 3.0), expected, atol=1e-6)
-    assert distillation_kl(teacher, teacher, 3.0).abs() < 1e-6
+    student, teacher, labels = torch.randn(5, 4), torch.randn(5, 4) * 2, torch.tensor([0, 1, 2, 3, 0])
+    _, kd = exit_loss(student, labels, teacher, temperature=3.0)
+    assert torch.allclose(kd, 9.0 * _kl_by_hand(student, teacher, 3.0), atol=1e-6)
+    assert torch.allclose(kd, kd_loss(student, teacher, 3.0))
+    _, same = exit_loss(teacher, labels, teacher, temperature=3.0)
+    assert same.abs() < 1e-6
     symmetric = 4.0 * (_kl_by_hand(student, teacher, 2.0) + _kl_by_hand(teacher, student, 2.0)) / 2
-    assert torch.allclose(distillation_kl(student, teacher, 2.0, symmetric=True), symmetric, atol=1e-6)
+    _, kd_symmetric = exit_loss(student, labels, teacher, temperature=2.0, symmetric=True)
+    assert torch.allclose(kd_symmetric, symmetric, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature must be a positive number; got 0"):
+        exit_loss(student, labels, teacher, temperature=0)
 
 
 def test_mskd_loss_sums_every_exit_against_the_teacher() -> None:
@@ -258,7 +254,7 @@ def test_mskd_trains_every_exit_and_reaches_the_backbone() -> None:
     method = MSKD(student, teacher)
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
     logits, terms = method(images, labels)
-    assert len(terms) == 2 * student.num_exits and logits.shape == (8, 4)
+    assert len(terms) == 2 * student.num_exits and [z.shape for z in logits] == [(8, 4)] * student.num_exits
     sum(terms.values()).backward()
     assert student.backbone.stem.conv.weight.grad.abs().sum() > 0
     assert all(head[-1].weight.grad.abs().sum() > 0 for head in student.heads.values())
@@ -274,7 +270,7 @@ def test_oto_needs_a_matching_multi_exit_teacher() -> None:
     teacher = MultiExit(create_model("resnet20", 4))
     method = OtO(student, teacher)
     images = torch.randn(2, 3, 32, 32)
-    targets = method.teacher_targets(images)
+    targets = method.teacher_targets(images, torch.zeros(2, dtype=torch.long))
     assert isinstance(targets, list) and len(targets) == 3
 
 
@@ -283,11 +279,12 @@ def test_teacher_heads_train_on_a_frozen_backbone() -> None:
     teacher = create_model("resnet8", 3)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))) for _ in range(2)]
-    network, history = train_teacher_exits(teacher, batches, epochs=2, lr=0.1, progress=False, device="cpu")
+    network = MultiExit(teacher)
+    history = fit(ExitHeadsCrossEntropy(network), batches, epochs=2, lr=0.1, progress=False, device="cpu")
     after = network.backbone.state_dict()
     assert all(torch.equal(before[k], after[k].cpu()) for k in before)  # weights and BN statistics
     assert len(history) == 2 and "train_ce_stage1" in history and "train_ce_final" not in history
-    assert not any(p.requires_grad for p in network.parameters())
+    assert "train_acc_stage1" in history  # fit measures every exit
     method = ExitHeadsCrossEntropy(MultiExit(create_model("resnet8", 3)))
     method.train()
     assert not method.student.backbone.training and method.student.heads.training
@@ -314,10 +311,9 @@ def _hand_made_exits() -> tuple[list[torch.Tensor], torch.Tensor]:
 
 def test_per_exit_accuracy_on_a_hand_made_batch() -> None:
     exits, labels = _hand_made_exits()
-    assert per_exit_accuracy(exits, labels) == [0.5, 1.0]
-    table = exit_accuracy_table(exits, labels, ("stage1", FINAL_EXIT))
+    table = exit_accuracies(exits, labels, ("stage1", FINAL_EXIT))
     assert list(table.index) == ["stage1", FINAL_EXIT, "ensemble"]
-    assert table["stage1"] == 0.5 and table[FINAL_EXIT] == 1.0
+    assert table.tolist() == [50.0, 100.0, 50.0]  # percent; the ensemble predicts 0 1 1 2
 
 
 def test_ensemble_is_the_mean_of_softmax_probabilities() -> None:
@@ -340,10 +336,13 @@ def test_early_exit_thresholds() -> None:
     everyone_first = early_exit(exits, 0.0, flops)
     assert everyone_first.exit_index.tolist() == [0, 0, 0, 0]
     assert torch.equal(everyone_first.predictions, exits[0].argmax(1))
-    assert everyone_first.mean_flops == 10.0
+    assert everyone_first.mean_macs == 10.0
     everyone_last = early_exit(exits, 1.01, flops)
     assert everyone_last.exit_index.tolist() == [1, 1, 1, 1]
-    assert everyone_last.accuracy(labels) == 1.0 and everyone_last.mean_flops == 25.0
+    assert everyone_last.accuracy(labels) == 100.0 and everyone_last.mean_macs == 25.0
+    for bad in (90, -0.2, float("nan")):
+        with pytest.raises(ValueError, match="softmax confidence between 0 and 1"):
+            early_exit(exits, bad, flops)
     # Exit 1's confidence is softmax([4, 0, 0])_max = e^4 / (e^4 + 2) ~ 0.965 for every image.
     confidence = math.exp(4) / (math.exp(4) + 2)
     assert early_exit(exits, confidence - 1e-4, flops).exit_index.tolist() == [0, 0, 0, 0]
@@ -354,79 +353,25 @@ def test_early_exit_thresholds() -> None:
 def test_threshold_sweep_runs_from_cheapest_to_most_expensive() -> None:
     exits, labels = _hand_made_exits()
     sweep = threshold_sweep(exits, labels, [10.0, 25.0])
-    assert sweep["mean_flops"].iloc[0] == 10.0 and sweep["mean_flops"].iloc[-1] == 25.0
-    assert sweep["mean_flops"].is_monotonic_increasing
-    assert sweep["accuracy"].iloc[0] == 0.5 and sweep["accuracy"].iloc[-1] == 1.0
+    assert sweep["mean_macs"].iloc[0] == 10.0 and sweep["mean_macs"].iloc[-1] == 25.0
+    assert sweep["mean_macs"].is_monotonic_increasing
+    assert sweep["accuracy"].iloc[0] == 50.0 and sweep["accuracy"].iloc[-1] == 100.0
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exercise checks
+# Figures
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_check_exit_loss_accepts_the_right_answer_and_names_a_slip(capsys: pytest.CaptureFixture) -> None:
-    def right(z, y, t, temperature, alpha, beta):
-        kl = F.kl_div(F.log_softmax(z / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean")
-        return alpha * F.cross_entropy(z, y) + beta * temperature**2 * kl
-
-    def no_t_squared(z, y, t, temperature, alpha, beta):
-        kl = F.kl_div(F.log_softmax(z / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean")
-        return alpha * F.cross_entropy(z, y) + beta * kl
-
-    assert check_exit_loss(right)
-    assert not check_exit_loss(no_t_squared)
-    assert "T^2" in capsys.readouterr().out
-    assert not check_exit_loss(lambda *args: None)
-
-
-def test_check_threshold_for_budget() -> None:
-    exits, labels = _hand_made_exits()
-    flops = [10.0, 25.0]
-    assert check_threshold_for_budget(1.01, exits, labels, flops, budget_flops=30.0)  # all last: 100 %
-    assert not check_threshold_for_budget(1.01, exits, labels, flops, budget_flops=20.0)  # over budget
-    assert check_threshold_for_budget(0.0, exits, labels, flops, budget_flops=12.0)  # only exit 1 fits
-    # Threshold 0 keeps only exit 1's 50 % when 100 % fits the budget.
-    assert not check_threshold_for_budget(0.0, exits, labels, flops, budget_flops=30.0)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Lesson helpers: runs, the cached OtO teacher, figures
-# ---------------------------------------------------------------------------------------------------------
-
-
-def test_exit_run_rows() -> None:
-    exits, labels = _hand_made_exits()
-    multi = ExitRun("MSKD", 1, ("stage1", FINAL_EXIT), exits, labels, pd.DataFrame(), nn.Identity(), 0.0)
-    rows = pd.DataFrame(multi.rows())
-    assert list(rows["exit"]) == ["stage1", FINAL_EXIT, "ensemble"]
-    assert list(rows["accuracy"]) == [0.5, 1.0, 0.5]  # the ensemble predicts 0 1 1 2 (see above)
-    single = ExitRun("single exit", 1, (FINAL_EXIT,), exits[1:], labels, pd.DataFrame(), nn.Identity(), 0.0)
-    assert [row["exit"] for row in single.rows()] == [FINAL_EXIT]
-
-
-def test_cached_teacher_exits_trains_once_then_loads(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path))
-    data = load_dataset("digits", "train").subset(30, seed=0)
-    torch.manual_seed(0)
-    teacher = create_model("resnet8", data.num_classes)
-    first = cached_teacher_exits(teacher, data, epochs=1, tag="test", progress=False)
-    files = list(tmp_path.rglob("*.pt"))
-    assert len(files) == 1 and "resnet8-exits-frozen" in files[0].name
-    second = cached_teacher_exits(teacher, data, epochs=1, tag="test", progress=False)
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert first.exit_names == second.exit_names == ("stage1", "stage2", FINAL_EXIT)
-
-
-def test_grouped_exit_bars_draw_one_bar_per_method_and_exit() -> None:
+def test_the_exit_figure_draws_every_method_and_exit() -> None:
     rows = [
-        {"method": method, "seed": seed, "exit": exit_name, "accuracy": 0.9}
+        {"method": method, "seed": seed, "exit": exit_name, "accuracy": 90.0 + seed}
         for method, exits in [("single exit", [FINAL_EXIT]), ("MSKD", ["stage1", FINAL_EXIT, "ensemble"])]
         for seed in (0, 1)
         for exit_name in exits
     ]
     figure = plot_exit_accuracies(pd.DataFrame(rows))
     axes = figure.axes[0]
-    assert len(axes.patches) == 4  # 1 (single) + 3 (MSKD) bars
+    assert len(axes.collections) >= 4  # the single runs of 1 (single exit) + 3 (MSKD) groups
     assert [tick.get_text() for tick in axes.get_xticklabels()] == ["stage1", FINAL_EXIT, "ensemble"]
     plt.close(figure)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from IPython.display import display
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -89,8 +91,6 @@ class CheckResult:
         ``execute_result`` for nbgrader to read as partial credit.
         """
         if show and _in_ipython():
-            from IPython.display import display
-
             display(self)
         if not self.passed:
             raise AssertionError(str(self))

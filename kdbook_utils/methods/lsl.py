@@ -1,7 +1,7 @@
 """Layer Selectivity Learning (LSL): Li, Lin, Chen and Chiang, "Layer-Level Knowledge Distillation for Deep
 Neural Network Learning", Applied Sciences 9(10) 1966 (2019), https://www.mdpi.com/2076-3417/9/10/1966.
 
-LSL has two halves (spec §3):
+LSL has two halves:
 
 * **LSP, the layer selectivity procedure**, decides *which* layers to distil. For every candidate layer
   ``l`` of a trained network it measures
@@ -20,13 +20,14 @@ LSL has two halves (spec §3):
   ``L_total = sum_k Align_k + CE(teacher) + CE(student)`` (Eq. 2). The teacher's conv layers are frozen,
   its FC layers train with the student, and only the student is kept (:class:`ASLDistiller`).
 
-Choices the paper leaves open (the spec's REC defaults, each a keyword argument):
+Choices the paper leaves open (each a keyword argument; the book's appendix, "How each paper was
+reconstructed", gives the alternatives and the reasons):
 
 * ``<a, b>_K`` is the cosine ``a.b / (|a| |b|)`` with ``eps = 1e-8``; an all-zero (dead) vector has
   similarity 0 with everything. Only the cosine gives the paper's unit diagonal and [0, 1] range for ReLU
   features; the paper's own values (about 1e-3) suggest another scale, so only the ranking carries over.
-* Channels of layers ``l-1`` and ``l`` have different lengths ``H W``; ``align="pad"`` (REC, the paper's
-  words) pads the shorter vector with trailing zeros, ``align="pool"`` average-pools both maps to the
+* Channels of layers ``l-1`` and ``l`` have different lengths ``H W``; ``align="pad"`` (the default,
+  the paper's words) pads the shorter vector with trailing zeros, ``align="pool"`` average-pools both maps to the
   smaller size first (spatially aligned, not the paper's).
 * A pair that involves an FC layer has one number per neuron per image, so per-image cosines are
   meaningless: each neuron's (channel's) vector is built over a group of ``group_size`` consecutive
@@ -39,18 +40,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdbook_utils.features import FeatureExtractor, eval_mode, resolve_layer, zeros_input
+from kdbook_utils.features import FeatureExtractor, eval_mode, resolve_layer
 from kdbook_utils.train import Distiller
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 EPS = 1e-8
 ALIGN_MODES: tuple[str, ...] = ("pad", "pool")
@@ -76,7 +73,7 @@ def padded_cosine(rows_a: Tensor, rows_b: Tensor, eps: float = EPS) -> Tensor:
     ``rows_a`` is ``(..., M, K_a)`` and ``rows_b`` is ``(..., N, K_b)``; the result is ``(..., M, N)`` with
     ``G[m, n] = <a_m, b_n> / (max(|a_m|, eps) * max(|b_n|, eps))``, so an all-zero row gives 0.
 
-    Padding the shorter rows with trailing zeros up to ``K = max(K_a, K_b)`` (spec §3.2) changes neither
+    Padding the shorter rows with trailing zeros up to ``K = max(K_a, K_b)`` (the paper's zero padding) changes neither
     their norms nor any product beyond their own length, so the dot products only need the first
     ``min(K_a, K_b)`` entries and the zeros are never materialised.
     """
@@ -128,7 +125,7 @@ def _channel_rows(prev: Tensor, cur: Tensor, align: str) -> tuple[Tensor, Tensor
         if _is_map(features):
             if align == "pool":
                 features = features.mean(dim=(2, 3))
-            else:  # (B, C, H, W) -> (C, B, H, W) -> (C, B*H*W): image-major, as the spec's REC says
+            else:  # (B, C, H, W) -> (C, B, H, W) -> (C, B*H*W): image-major
                 return features.transpose(0, 1).flatten(1)
         return features.transpose(0, 1)  # (B, N) -> (N, B)
 
@@ -147,7 +144,7 @@ def inter_layer_gram(
 
     ``G[m, n] = <F^{l-1}_m, F^l_n>_K``: the cosine of channel ``m`` of ``prev`` (``(B, M, H, W)`` or
     ``(B, M)``) with channel ``n`` of ``cur``, each flattened to a vector and zero-padded to the common
-    length ``K`` (``align="pad"``, REC) or pooled to a common size first (``align="pool"``).
+    length ``K`` (``align="pad"``, the default) or pooled to a common size first (``align="pool"``).
 
     * Two conv maps: one Gram matrix per image, averaged over the ``B`` images.
     * A pair involving an FC layer: each channel's vector runs over a group of images (see
@@ -345,11 +342,6 @@ def _batches(data: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
         yield batch[0], batch[1]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def layer_grams(
     model: nn.Module,
@@ -384,7 +376,7 @@ def layer_grams(
         raise ValueError(f"Unknown align mode {align!r}; choose one of {ALIGN_MODES}.")
     hooked = [layer for layer in candidates if layer in chosen or layer in previous.values()]
     accumulators = {layer: _GramAccumulator(num_classes, align, group_size, eps) for layer in chosen}
-    device = _model_device(model)
+    device = next(model.parameters()).device
     seen = 0
     with eval_mode(model), FeatureExtractor(model, hooked, detach=True) as extractor:
         for images, labels in _batches(data):
@@ -513,28 +505,23 @@ def _probe_sizes(
     model: nn.Module, layers: Sequence[str], input_shape: Sequence[int], which: str
 ) -> dict[str, tuple[int, ...]]:
     """Per-image output shape of each layer for an input of ``input_shape`` (eval mode, no gradients)."""
-    unique = list(dict.fromkeys(layers))
-    with FeatureExtractor(model, unique) as extractor:
+    with FeatureExtractor(model, list(dict.fromkeys(layers))) as extractor:
         try:
-            with eval_mode(model), torch.no_grad():
-                features = extractor(zeros_input(model, (2, *tuple(input_shape)[-3:])))
+            shapes = extractor.feature_shapes((2, *tuple(input_shape)[-3:]))
         except RuntimeError as error:
             raise ValueError(
                 f"The {which} cannot run on inputs of shape {tuple(input_shape)}, so the projection sizes "
                 f"cannot be known: {error}"
             ) from error
-    shapes = {}
-    for layer in unique:
-        output = features[layer]
-        if not isinstance(output, Tensor):
+    for layer, shape in shapes.items():
+        if not isinstance(shape, tuple) or any(isinstance(part, tuple) for part in shape):
             raise TypeError(
-                f"The {which}'s layer {layer!r} returns a {type(output).__name__}, not a tensor, so it cannot "
-                "be flattened and projected. Bind a layer that outputs a feature tensor."
+                f"The {which}'s layer {layer!r} does not output one feature tensor, so it cannot be flattened "
+                "and projected. Bind a layer that outputs a feature tensor."
             )
-        shapes[layer] = tuple(output.shape[1:])
-        if output[0].numel() == 0:
+        if _numel(shape) == 0:
             raise ValueError(
-                f"The {which}'s layer {layer!r} outputs an empty tensor {shapes[layer]} for inputs of shape "
+                f"The {which}'s layer {layer!r} outputs an empty tensor {shape} for inputs of shape "
                 f"{tuple(input_shape)}: there is nothing to project. Use larger inputs or an earlier layer."
             )
     return shapes
@@ -547,16 +534,15 @@ class ASLDistiller(Distiller):
     ``L_total = alpha * sum_k Align_k + CE(teacher) + CE(student)`` (Eq. 2, ``alpha = 1`` in the paper).
 
     * ``bindings``: ``[(teacher_layer, student_layer), ...]``, e.g. Table 8's :data:`PAPER_BINDINGS`.
-    * The teacher's conv layers (everything but its FC layers) stay frozen and in eval mode; its FC layers
-      and classifier (``teacher_trainable``, default: every top-level child holding an ``nn.Linear``)
-      train jointly, as the paper says. The teacher is deep-copied first (``copy_teacher=True``), so the
-      model you pass in is left unchanged.
+    * The teacher's conv layers stay frozen and in eval mode; its FC layers and classifier
+      (``teacher_trainable``, default: every top-level child holding an ``nn.Linear``) train jointly, as
+      the paper says. The teacher is deep-copied first, so the model you pass in is left unchanged.
     * ``reduction``: ``"sum"`` is Eq. 1 as printed; ``"mean"`` divides each Align term by
-      ``projection_dim`` and keeps training stable at from-scratch learning rates (see
-      :func:`alignment_loss`).
+      ``projection_dim`` and keeps training stable at from-scratch learning rates
+      (:func:`alignment_loss`).
     * ``input_shape`` (``(C, H, W)``) sizes the projections; another input size at training time raises.
-    * After training keep ``distiller.student`` and evaluate it alone; ``distiller.teacher`` is the jointly
-      fine-tuned teacher whose accuracy the paper's Tables 4-7 also report.
+    * After training keep ``distiller.student``; ``distiller.teacher`` is the jointly fine-tuned teacher
+      whose accuracy the paper's Tables 4-7 also report.
     """
 
     def __init__(
@@ -570,36 +556,20 @@ class ASLDistiller(Distiller):
         alpha: float = 1.0,
         reduction: str = "sum",
         teacher_trainable: Sequence[str] | None = None,
-        copy_teacher: bool = True,
         max_projection_weights: int = DEFAULT_MAX_PROJECTION_WEIGHTS,
     ) -> None:
-        if copy_teacher:
-            teacher = copy.deepcopy(teacher)
-        super().__init__(student, teacher)  # freezes the whole teacher; its FC layers are thawed below
+        teacher = copy.deepcopy(teacher)
+        trainable = list(teacher_trainable) if teacher_trainable is not None else _linear_children(teacher)
+        super().__init__(student, teacher, trainable_teacher_parts=trainable)
         self.bindings = _parse_bindings(bindings)
         if projection_dim < 1:
-            raise ValueError(f"projection_dim must be positive, got {projection_dim!r}.")
+            raise ValueError(f"projection_dim must be positive; got {projection_dim!r}.")
         self.alpha = float(alpha)
         self.input_shape = tuple(int(size) for size in input_shape)
-
-        trainable = list(teacher_trainable) if teacher_trainable is not None else _linear_children(teacher)
-        children = dict(teacher.named_children())
-        unknown = [name for name in trainable if name not in children]
-        if unknown:
-            raise ValueError(
-                f"teacher_trainable names {unknown}, not children of the teacher: {list(children)}."
-            )
-        self.teacher_trainable = tuple(trainable)
-        for name in trainable:
-            for parameter in children[name].parameters():
-                parameter.requires_grad_(True)
-
-        teacher_layers = [t for t, _ in self.bindings]
-        student_layers = [s for _, s in self.bindings]
-        self._teacher_features = FeatureExtractor(teacher, list(dict.fromkeys(teacher_layers)))
-        self._student_features = FeatureExtractor(student, list(dict.fromkeys(student_layers)))
-        teacher_shapes = _probe_sizes(teacher, teacher_layers, self.input_shape, "teacher")
-        student_shapes = _probe_sizes(student, student_layers, self.input_shape, "student")
+        self.teacher_layers = list(dict.fromkeys(t for t, _ in self.bindings))
+        self.student_layers = list(dict.fromkeys(s for _, s in self.bindings))
+        teacher_shapes = _probe_sizes(teacher, self.teacher_layers, self.input_shape, "teacher")
+        student_shapes = _probe_sizes(student, self.student_layers, self.input_shape, "student")
 
         self.feature_sizes: dict[str, tuple[int, int]] = {}
         alignments = []
@@ -628,17 +598,16 @@ class ASLDistiller(Distiller):
             )
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        teacher_logits, teacher_features = self._teacher_features.forward_with_features(images)
-        student_logits, student_features = self._student_features.forward_with_features(images)
+        teacher_logits, teacher_features = self.teacher_outputs(images, labels, layers=self.teacher_layers)
+        with FeatureExtractor(self.student, self.student_layers) as extractor:
+            student_logits, student_features = extractor.forward_with_features(images)
         losses: dict[str, Tensor] = {}
         for (teacher_layer, student_layer), alignment in zip(self.bindings, self.alignments):
             name = _binding_name((teacher_layer, student_layer))
             teacher_size, student_size = self.feature_sizes[name]
             self._check_size("teacher", teacher_layer, teacher_features[teacher_layer], teacher_size)
             self._check_size("student", student_layer, student_features[student_layer], student_size)
-            losses[name] = self.alpha * alignment(
-                teacher_features[teacher_layer], student_features[student_layer]
-            )
+            losses[name] = self.alpha * alignment(teacher_features[teacher_layer], student_features[student_layer])
         losses["ce_teacher"] = F.cross_entropy(teacher_logits, labels)
         losses["ce"] = F.cross_entropy(student_logits, labels)
         return student_logits, losses
@@ -653,56 +622,3 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _binding_name(binding: Binding) -> str:
     return f"align[{binding[0]}->{binding[1]}]"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------------------
-
-
-def plot_binding_grams(
-    teacher: LayerGrams,
-    student: LayerGrams,
-    class_names: Sequence[str] | None = None,
-    panel_size: float = 3.2,
-) -> Figure:
-    """The LSP matrices of one binding: inter-class Grams (top, class names on the axes) and inter-layer
-    Grams (bottom) of the teacher layer (left) and the student layer (right), on one [0, 1] colour scale.
-    """
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(
-        2, 2, figsize=(2 * panel_size + 1.2, 2 * panel_size + 0.8), layout="constrained"
-    )
-    image = None
-    for column, (role, grams) in enumerate((("teacher", teacher), ("student", student))):
-        top, bottom = axes[0, column], axes[1, column]
-        image = top.imshow(
-            grams.inter_class.cpu().numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
-        )
-        top.set_title(
-            f"{role} {grams.layer}: inter-class H\nH_class = {grams.h_class:.3f}", fontsize="medium"
-        )
-        if class_names is not None:
-            ticks = range(len(class_names))
-            top.set_xticks(ticks, [str(name) for name in class_names], rotation=90)
-            top.set_yticks(ticks, [str(name) for name in class_names])
-        bottom.imshow(
-            grams.inter_layer.cpu().numpy(),
-            cmap="viridis",
-            vmin=0,
-            vmax=1,
-            aspect="auto",
-            interpolation="nearest",
-        )
-        bottom.set_title(
-            f"{role}: {grams.previous} x {grams.layer} inter-layer G\nG_diversity = {grams.g_diversity:.3f}",
-            fontsize="medium",
-        )
-        bottom.set_ylabel(f"channel of {grams.previous}")
-        bottom.set_xlabel(f"channel of {grams.layer}")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
-    figure.suptitle(
-        f"LSP = {teacher.lsp:.3f} (teacher {teacher.layer}), {student.lsp:.3f} (student {student.layer})"
-    )
-    return figure

@@ -1,4 +1,4 @@
-"""The networks of Chou, Chiu, Liao (2021), as reconstructed in the spec's §1.4 (ambiguity C9).
+"""The networks of Chou, Chiu, Liao (2021), as reconstructed for lesson 3 (see the book's appendix).
 
 The paper's per-layer figures are images that could not be read, so these are documented choices:
 
@@ -39,25 +39,25 @@ def scaled(channels: int, width: float) -> int:
 
 
 def wide_resnet_config(depth: int, width: float) -> ResNetConfig:
-    """The TF base's ResNet (stem 32, stages 64/128/256), every width multiplied by ``width``."""
+    """The TensorFlow KD code base's ResNet (stem 32, stages 64/128/256), every width times ``width``."""
     return ResNetConfig(depth, scaled(32, width), (scaled(64, width), scaled(128, width), scaled(256, width)))
 
 
 @register_model("resnet32w")
 def resnet32w(num_classes: int, in_channels: int = 3, width: float = 1.0) -> ZooModel:
-    """ResNet-32 of the spec §1.4 (the paper's teacher): stem 32, 5 blocks each of 64/128/256 channels."""
+    """ResNet-32, the paper's teacher: stem 32, then 5 basic blocks each of 64/128/256 channels."""
     return build_resnet(wide_resnet_config(32, width), num_classes, in_channels)
 
 
 @register_model("resnet8w")
 def resnet8w(num_classes: int, in_channels: int = 3, width: float = 1.0) -> ZooModel:
-    """ResNet-8 of the spec §1.4 (the paper's student): stem 32, one block each of 64/128/256 channels."""
+    """ResNet-8, the paper's student: stem 32, then one basic block each of 64/128/256 channels."""
     return build_resnet(wide_resnet_config(8, width), num_classes, in_channels)
 
 
 @register_model("vgg6")
 def vgg6(num_classes: int, in_channels: int = 3, image_size: int = 32) -> ZooModel:
-    """VGG-6 of the spec §1.4 (the paper's student of VGG-11): RepDistiller's ``vgg8`` layout."""
+    """VGG-6, the paper's student of VGG-11: RepDistiller's ``vgg8`` layout."""
     return build_vgg(VGG_CONFIGS["vgg8"], num_classes, in_channels, image_size)
 
 

@@ -20,8 +20,8 @@ classifier   Linear(64, num_classes)                      num_classes     no
 ===========  ==========================================  ==============  ===================
 
 The ``x4`` variants (``resnet8x4``, ``resnet32x4``) have a 32-channel stem and stages of 64/128/256
-channels, so their first block also needs a projection shortcut. They are exactly the spec's §1.4 REC
-ResNet-8 / ResNet-32 (1,230,788 / 7,423,940 parameters without BatchNorm, 177.1 M / 1,083.0 M MACs at
+channels, so their first block also needs a projection shortcut. They are exactly lesson 3's reconstruction of
+Chou et al.'s ResNet-8 / ResNet-32 (1,230,788 / 7,423,940 parameters without BatchNorm, 177.1 M / 1,083.0 M MACs at
 32 px for 100 classes). ``describe()`` tabulates the family.
 
 A basic block computes ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``. Every ReLU is its own,
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from kdbook_utils.errors import check_int, must_be
+from kdbook_utils.metrics import count_flops, count_parameters
 from kdbook_utils.models import ZooModel, register_model
 
 RESNET_FEATURE_POINTS: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3")
@@ -199,10 +200,8 @@ def describe(num_classes: int = 100, image_size: int = 32) -> pd.DataFrame:
     """The ResNet family as a table: depth, blocks per stage, widths, parameters and MACs per image.
 
     ``params`` counts every parameter (BatchNorm included); ``params_without_bn`` counts convolutions
-    and the classifier only, the convention of the spec's §1.4 and of most papers' tables.
+    and the classifier only, the convention of most papers' tables.
     """
-    from kdbook_utils.metrics import count_flops, count_parameters
-
     rows = []
     for name, config in RESNET_CONFIGS.items():
         with torch.device("meta"):  # shapes only: nothing is allocated or computed

@@ -15,7 +15,7 @@ ResNet50  bottleneck  3, 4, 6, 3      2048
 ResNet152 bottleneck  3, 8, 36, 3     2048
 ========  ==========  ==============  =================
 
-ResNet-10 is not in RepDistiller; it is the same template with one block per stage (spec section 2.5).
+ResNet-10 is not in RepDistiller; it is the same template with one block per stage (our choice: MSKD's tables name it, but no public code defines it).
 Each model is a :class:`~kdbook_utils.models.ZooModel` with the stages
 ``stem, stage1, stage2, stage3, stage4, pool, classifier`` and the feature points
 ``("stem", "stage1", "stage2", "stage3", "stage4")``. ReLUs are non-inplace modules, so a

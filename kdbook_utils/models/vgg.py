@@ -16,7 +16,7 @@ vgg11    A                 [64] [128] [256, 256] [512, 512] [512, 512]          
 vgg13    B                 [64, 64] [128, 128] [256, 256] [512, 512] [512, 512]    10 conv + 1 FC
 =======  ================  =====================================================  =============
 
-(RepDistiller's ``vgg8`` has six weight layers; the spec's §1.4 calls the same network VGG-6.)
+(RepDistiller's ``vgg8`` has six weight layers; lesson 3 calls the same network VGG-6, the name in Chou et al.)
 
 Stages of ``vgg11`` at 32x32 (``layer_table`` shows every module):
 
@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from kdbook_utils.errors import check_int
+from kdbook_utils.metrics import count_flops, count_parameters
 from kdbook_utils.models import ZooModel, register_model
 
 VGG_CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -124,7 +125,7 @@ def build_vgg(
 
 @register_model("vgg8")
 def vgg8(num_classes: int, in_channels: int = 3, image_size: int = 32) -> ZooModel:
-    """VGG-8 with BN (RepDistiller cfg S, called VGG-6 in the spec): one conv per block, 5 conv + 1 FC."""
+    """VGG-8 with BN (RepDistiller cfg S, VGG-6 in lesson 3): one conv per block, 5 conv + 1 FC."""
     return build_vgg(VGG_CONFIGS["vgg8"], num_classes, in_channels, image_size)
 
 
@@ -144,10 +145,8 @@ def describe(num_classes: int = 100, image_size: int = 32) -> pd.DataFrame:
     """The VGG family as a table: block widths, weight layers, parameters and MACs per image.
 
     ``params`` counts every parameter (BatchNorm included); ``params_without_bn`` counts convolutions
-    and the classifier only, the convention of the spec's §1.4 (VGG-11 9.27 M, VGG-6 = vgg8 3.96 M).
+    and the classifier only, the convention of most papers' tables (VGG-11 9.27 M, VGG-6 = vgg8 3.96 M).
     """
-    from kdbook_utils.metrics import count_flops, count_parameters
-
     rows = []
     for name, blocks in VGG_CONFIGS.items():
         with torch.device("meta"):  # shapes only: nothing is allocated or computed

@@ -1,0 +1,91 @@
+"""Lesson support: the tables and figures of each lesson, and the reconstruction of each lesson's settings."""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+
+from kdbook_utils.lessons.hinton import (
+    WHICH_LOSS_EXAMPLE,
+    dark_knowledge_table,
+    high_temperature_table,
+    kd_gradient_norms,
+    kd_loss_conventions,
+    plot_soft_targets,
+)
+from kdbook_utils.methods.hinton import kd_loss, logit_matching_limit, soft_targets
+
+matplotlib.use("Agg")
+
+
+def random_logits(
+    batch: int = 8, classes: int = 10, scale: float = 3.0, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, classes, generator=generator, dtype=torch.float64) * scale
+    teacher = torch.randn(batch, classes, generator=generator, dtype=torch.float64) * scale
+    return student, teacher
+
+
+# ------------------------------------------------------------------------------------------ lesson 1
+
+
+def test_conventions_differ_by_the_stated_factors() -> None:
+    student, teacher = random_logits(classes=7)
+    table = kd_loss_conventions(student, teacher, 3.0).set_index("convention")["value"]
+    reference = kd_loss(student, teacher, 3.0).item()
+    entropy = -(soft_targets(teacher, 3.0) * soft_targets(teacher, 3.0).log()).sum(dim=1).mean().item()
+    assert table["batchmean KL x T^2"] == pytest.approx(reference)
+    assert table["per-element mean KL x T^2"] == pytest.approx(reference / 7)
+    assert table["KL without T^2"] == pytest.approx(reference / 9)
+    assert table["soft cross-entropy x T^2"] == pytest.approx(reference + 9 * entropy)
+
+
+def test_the_notebook_example_reads_as_the_lesson_says() -> None:
+    example = WHICH_LOSS_EXAMPLE
+    student = torch.tensor([example["student_logits"]])
+    teacher = torch.tensor([example["teacher_logits"]])
+    values = kd_loss_conventions(student, teacher, example["temperature"])["value"].tolist()
+    assert [f"{value:.2f}" for value in values[:3]] == ["8.00", "0.80", "0.50"]
+    assert f"{values[3]:.1f}" == "41.8"
+    assert teacher.argmax().item() == 7  # the example's story: a teacher sure of "7"
+
+
+def test_high_temperature_kd_becomes_logit_matching() -> None:
+    student, teacher = random_logits()
+    limit = logit_matching_limit(student, teacher).item()
+    assert kd_loss(student, teacher, 1000.0).item() == pytest.approx(limit, rel=1e-3)
+    table = high_temperature_table(student, teacher, [1, 10, 100, 1000])
+    assert table["teacher max prob"].is_monotonic_decreasing
+    assert table["teacher max prob"].iloc[-1] == pytest.approx(0.1, abs=1e-2)
+    assert table["KL"].iloc[-1] < 1e-5
+
+
+def test_t_squared_keeps_the_soft_gradient_from_vanishing() -> None:
+    student, teacher = random_logits()
+    table = kd_gradient_norms(student, teacher, [4.0, 40.0, 400.0])
+    with_t2 = table["grad norm, KL x T^2"].to_numpy()
+    without = table["grad norm, KL"].to_numpy()
+    assert with_t2.max() / with_t2.min() < 1.5  # levels off
+    assert without[1] / without[2] == pytest.approx(100, rel=0.05)  # falls like 1/T^2
+
+
+def test_dark_knowledge_table_names_the_most_similar_wrong_class() -> None:
+    # Class 0 images lean towards class 2, class 1 images towards class 0.
+    logits = torch.tensor([[5.0, 0.0, 2.0], [6.0, -1.0, 3.0], [1.5, 5.0, 0.0]])
+    labels = torch.tensor([0, 0, 1])
+    table = dark_knowledge_table(logits, labels, ["a", "b", "c"], temperature=4.0)
+    assert table["class"].tolist() == ["a", "b"]  # class "c" has no images
+    assert table["most similar wrong class"].tolist() == ["c", "a"]
+    row = table.iloc[0]
+    assert row["its probability at T = 4 (%)"] > row["its probability at T = 1 (%)"]
+
+
+def test_plot_soft_targets_draws_one_row_per_image() -> None:
+    figure = plot_soft_targets(torch.randn(2, 10), torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                               torch.tensor([1, 2]), [str(i) for i in range(10)], temperatures=(1, 4))  # fmt: skip
+    assert len(figure.axes) == 4
+    assert len(figure.axes[1].patches) == 2 * 10
+    with pytest.raises(ValueError, match="labels"):
+        plot_soft_targets(torch.randn(2, 10), torch.zeros(2, 3, 8, 8), torch.tensor([1]), list("0123456789"))
