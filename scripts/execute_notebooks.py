@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,8 +33,9 @@ DEFAULT_TIMEOUT_S = 900
 
 
 @contextmanager
-def kernel_for_this_python(preset: str) -> Iterator[str]:
-    """A kernel spec that starts ``sys.executable`` with ``KDBOOK_PRESET=preset``; yields its name."""
+def kernel_for_this_python(preset: str, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """A kernel spec that starts ``sys.executable`` with ``KDBOOK_PRESET=preset`` and the variables in
+    ``env`` (e.g. ``KDBOOK_CACHE``) set; yields its name."""
     with tempfile.TemporaryDirectory(prefix="kdbook-kernel-") as folder:
         spec_dir = Path(folder, "kernels", KERNEL_NAME)
         spec_dir.mkdir(parents=True)
@@ -42,7 +43,7 @@ def kernel_for_this_python(preset: str) -> Iterator[str]:
             "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": f"kdbook ({sys.executable})",
             "language": "python",
-            "env": {"KDBOOK_PRESET": preset, "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+            "env": {"KDBOOK_PRESET": preset, "PYDEVD_DISABLE_FILE_VALIDATION": "1", **(env or {})},
         }
         (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
         previous = os.environ.get("JUPYTER_PATH")

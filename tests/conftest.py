@@ -1,23 +1,35 @@
-"""Shared data fixtures.
+"""Shared fixtures.
 
 ``cifar10_root``: the real CIFAR-10 JPEG copy, extracted once from the project's zips into a cache
 folder (never into the repository) and reused by later sessions. The zips are looked for in
 ``$KDBOOK_CIFAR10_JPEG``, else ``<repo>/../shared/data/cifar10-jpeg`` (CI clones the repository with
 ``shared/`` beside it); tests that need them are skipped with the reason when they are missing.
+
+``executed_notebooks``: every notebook in ``notebooks/`` executed once per test session with the quick
+preset, on first request, and kept: the notebook tests check the executed copies, and the browser test
+builds the book from them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
+import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
+import nbformat
 import pytest
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_ZIPS = ("train.zip", "test.zip")
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+CELL_TIMEOUT_S = 900  # seconds a notebook cell may run
 
 
 def cifar10_zip_folder() -> Path:
@@ -65,3 +77,76 @@ def cifar10_root() -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# ----------------------------------------------------------------------------------- executed notebooks
+
+
+def load_executor() -> ModuleType:
+    """``scripts/execute_notebooks.py``, the executor that ``scripts/book.sh`` uses."""
+    path = REPO / "scripts" / "execute_notebooks.py"
+    spec = importlib.util.spec_from_file_location("execute_notebooks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass(frozen=True)
+class NotebookRun:
+    """One notebook's execution: the executed copy (``None`` if a cell failed), or the error."""
+
+    source: Path
+    executed: Path | None
+    error: Exception | None
+    seconds: float
+
+
+class ExecutedNotebooks:
+    """Runs each notebook at most once per session, in a fresh kernel running this Python with the quick
+    preset. All runs share one empty cache folder (``KDBOOK_CACHE``), so the teacher that ``00`` trains
+    is reused by the lessons, as in a student's session. Executed copies (outputs and widget state
+    included) are written to ``folder``."""
+
+    def __init__(self, folder: Path, cache: Path) -> None:
+        self.folder = folder
+        self.cache = cache
+        self.executor = load_executor()
+        self.kernel_name: str = self.executor.KERNEL_NAME
+        self._runs: dict[str, NotebookRun] = {}
+
+    def run(self, source: Path) -> NotebookRun:
+        """Execute ``source`` (a notebook in ``notebooks/``) unless this session already has."""
+        if source.name in self._runs:
+            return self._runs[source.name]
+        start = time.perf_counter()
+        executed: Path | None = None
+        error: Exception | None = None
+        with self.executor.kernel_for_this_python("quick", {"KDBOOK_CACHE": str(self.cache)}) as name:
+            try:
+                notebook = self.executor.execute_notebook(
+                    source, kernel_name=name, timeout=CELL_TIMEOUT_S, cwd=source.parent
+                )
+            except (CellExecutionError, CellTimeoutError, DeadKernelError) as failure:
+                error = failure
+            else:
+                executed = self.folder / source.name
+                nbformat.write(notebook, executed)
+        run = NotebookRun(source, executed, error, time.perf_counter() - start)
+        self._runs[source.name] = run
+        return run
+
+    def run_all(self) -> list[NotebookRun]:
+        """Every notebook in ``notebooks/``, in order (those already run are not run again)."""
+        return [self.run(source) for source in NOTEBOOKS]
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(tmp_path_factory: pytest.TempPathFactory) -> ExecutedNotebooks:
+    folder, cache = tmp_path_factory.mktemp("executed-notebooks"), tmp_path_factory.mktemp("kdbook-cache")
+    return ExecutedNotebooks(folder, cache)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Browser tests run last: they reuse the notebooks that the notebook tests executed."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)

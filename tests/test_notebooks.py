@@ -1,16 +1,18 @@
 """Every notebook: committed clean (no outputs), with a Colab guard and a `parameters` cell, and executed
 top to bottom with the quick preset in a fresh kernel (tests marked `notebook`; a failing cell fails the
-test with that cell's error)."""
+test with that cell's error). The executions come from the session fixture ``executed_notebooks``
+(tests/conftest.py), which keeps the executed copies for the browser test's book."""
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 import nbformat
 import pytest
+
+if TYPE_CHECKING:
+    from conftest import ExecutedNotebooks
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -18,15 +20,6 @@ NOTEBOOK_TIMEOUT_S = 900  # the whole notebook; the quick preset aims at 2-3 min
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 COLAB_GUARD = 'if "google.colab" in sys.modules:'
-
-
-def load_executor() -> ModuleType:
-    path = REPO / "scripts" / "execute_notebooks.py"
-    spec = importlib.util.spec_from_file_location("execute_notebooks", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def ids(paths: list[Path]) -> list[str]:
@@ -72,30 +65,15 @@ def test_notebook_starts_with_the_colab_guard_and_has_a_parameters_cell(path: Pa
 # ----------------------------------------------------------------------------------------------- running
 
 
-@pytest.fixture(scope="module")
-def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A kernel running this Python with the quick preset and a fresh cache shared by the notebooks
-    of this run (the teacher that 00 trains is reused by the lessons, as in a student's session)."""
-    executor = load_executor()
-    cache = tmp_path_factory.mktemp("kdbook-cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("KDBOOK_CACHE", str(cache))
-    patch.setenv("KDBOOK_PRESET", "quick")
-    try:
-        with executor.kernel_for_this_python("quick") as name:
-            yield name
-    finally:
-        patch.undo()
-
-
 @pytest.mark.notebook
 @pytest.mark.timeout(NOTEBOOK_TIMEOUT_S)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
-def test_notebook_runs_top_to_bottom(path: Path, kernel_name: str) -> None:
-    executor = load_executor()
-    executed = executor.execute_notebook(
-        path, kernel_name=kernel_name, timeout=NOTEBOOK_TIMEOUT_S, cwd=path.parent
-    )
+def test_notebook_runs_top_to_bottom(path: Path, executed_notebooks: ExecutedNotebooks) -> None:
+    run = executed_notebooks.run(path)
+    if run.error is not None:
+        raise run.error
+    assert run.executed is not None
+    executed = nbformat.read(run.executed, as_version=4)
     cells = code_cells(executed)
     errors = [output for cell in cells for output in cell.outputs if output.output_type == "error"]
     assert not errors, f"error outputs: {[e.ename for e in errors]}"
@@ -112,4 +90,5 @@ def test_notebook_runs_top_to_bottom(path: Path, kernel_name: str) -> None:
                 f"code cell {index} shows a widget but no static figure or table: the rendered book would "
                 "be blank there (draw the default figure too, e.g. with kdbook_utils.widgets.interactive_figure)"
             )
+    kernel_name = executed_notebooks.kernel_name
     assert executed.metadata["kernelspec"]["name"] != kernel_name, "keeps the notebook's own kernel name"
