@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
+from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
@@ -70,7 +71,14 @@ def execute_notebook(
         resources={"metadata": {"path": str(cwd or path.parent)}},
         store_widget_state=True,
     )
-    client.execute()
+    try:
+        client.execute()
+    finally:
+        # nbclient shuts its kernel down itself, unless something interrupted it from outside (Ctrl-C, a
+        # test's time limit): then the kernel would go on computing until this process exits.
+        manager = client.km
+        if manager is not None and run_sync(manager.is_alive)():
+            run_sync(manager.shutdown_kernel)(now=True)
     # Keep the notebook's own kernel name (python3) rather than our temporary one.
     notebook.metadata["kernelspec"] = original_kernelspec or {
         "name": "python3",

@@ -129,6 +129,9 @@ class ExecutedNotebooks:
                 )
             except (CellExecutionError, CellTimeoutError, DeadKernelError) as failure:
                 error = failure
+            except BaseException as interruption:  # e.g. the test's time limit: no second attempt later
+                self._runs[source.name] = NotebookRun(source, None, interruption, time.perf_counter() - start)
+                raise
             else:
                 executed = self.folder / source.name
                 nbformat.write(notebook, executed)
