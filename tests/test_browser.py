@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -133,7 +134,8 @@ def wait_for(driver: WebDriver, condition: Callable[[WebDriver], Any], timeout: 
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.25).until(condition)
     except TimeoutException:
-        pytest.fail(f"{message} (waited {timeout:.0f} s)")
+        pass
+    pytest.fail(f"{message} (waited {timeout:.0f} s)")
 
 
 # ---------------------------------------------------------------------------------------------- JupyterLab
@@ -474,9 +476,18 @@ Promise.all([typeset, decoded]).then(() => {
 """
 
 
+REDIRECT = re.compile(r'^<meta http-equiv="Refresh" content="0; url=([^"]+)" />\s*$')
+
+
 def book_pages(html: Path) -> list[Path]:
+    """The book's pages, without the redirect pages (index.html) that only send the reader to another."""
     assets = {"_static", "_sources", "_images"}
-    return sorted(path for path in html.rglob("*.html") if not assets & set(path.relative_to(html).parts))
+    pages = sorted(path for path in html.rglob("*.html") if not assets & set(path.relative_to(html).parts))
+    redirects = {page: REDIRECT.match(page.read_text()) for page in pages}
+    for page, redirect in redirects.items():
+        if redirect:
+            assert (page.parent / redirect.group(1)).is_file(), f"{page.name} redirects to a missing page"
+    return [page for page, redirect in redirects.items() if redirect is None]
 
 
 def page_problems(name: str, report: dict[str, Any], failed_loads: list[str]) -> list[str]:
