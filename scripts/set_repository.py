@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = Path("kdbook") / "_config.yml"
 
@@ -165,9 +164,7 @@ def find_disagreements(root: Path = ROOT) -> list[Disagreement]:
 
 def count_links(root: Path = ROOT) -> dict[Path, int]:
     """How many launch links and install lines each file holds (for the summary and the tests)."""
-    return {
-        path.relative_to(root): len(LINKS.findall(path.read_text())) for path in files_with_links(root)
-    }
+    return {path.relative_to(root): len(LINKS.findall(path.read_text())) for path in files_with_links(root)}
 
 
 def rewrite_text(text: str, old: Repository, new: Repository) -> str:

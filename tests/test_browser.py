@@ -217,10 +217,13 @@ const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
 if (!panel || !panel.context || panel.context.path !== arguments[0] || !panel.sessionContext) return null;
 const codeCells = panel.content.widgets.filter((cell) => cell.model.type === 'code');
 """
-KERNEL_READY_JS = PANEL_JS + """
+KERNEL_READY_JS = (
+    PANEL_JS
+    + """
 const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
 return Boolean(kernel) && panel.sessionContext.kernelDisplayStatus === 'idle' && codeCells.length > 0;
 """
+)
 RUN_ALL_JS = """
 window.kdbookRun = null;
 window.jupyterapp.commands.execute('notebook:run-all-cells').then(
@@ -229,7 +232,9 @@ window.jupyterapp.commands.execute('notebook:run-all-cells').then(
 """
 # The run is over when the command has returned, the kernel is idle, and every code cell has run (or
 # one failed, which stops the run).
-RUN_FINISHED_JS = PANEL_JS + """
+RUN_FINISHED_JS = (
+    PANEL_JS
+    + """
 if (window.kdbookRun === null || panel.sessionContext.kernelDisplayStatus !== 'idle') return null;
 const pending = codeCells.filter(
     (cell) => cell.model.executionCount === null && cell.model.sharedModel.getSource().trim() !== '');
@@ -237,7 +242,10 @@ const failed = codeCells.some(
     (cell) => cell.model.outputs.toJSON().some((output) => output.output_type === 'error'));
 return (pending.length === 0 || failed) ? window.kdbookRun : null;
 """
-CELLS_JS = PANEL_JS + """
+)
+CELLS_JS = (
+    PANEL_JS
+    + """
 return codeCells.map((cell) => ({
     source: cell.model.sharedModel.getSource(),
     outputs: cell.model.outputs.toJSON(),
@@ -248,16 +256,23 @@ return codeCells.map((cell) => ({
     figure: (cell.node.querySelector('.jp-OutputArea-output img') || {}).src || null,
 }));
 """
+)
 # An element in the output of code cell arguments[1]: arguments[2] is a CSS selector.
-CELL_ELEMENT_JS = PANEL_JS + """
+CELL_ELEMENT_JS = (
+    PANEL_JS
+    + """
 return codeCells[arguments[1]].node.querySelector('.jp-OutputArea-output ' + arguments[2]);
 """
-SLIDER_HANDLE_JS = PANEL_JS + """
+)
+SLIDER_HANDLE_JS = (
+    PANEL_JS
+    + """
 const output = codeCells[arguments[1]].node;
 const sliders = Array.from(output.querySelectorAll('.jp-OutputArea-output .widget-slider'));
 const slider = sliders.find((s) => (s.querySelector('.widget-label') || {}).textContent === arguments[2]);
 return slider ? slider.querySelector('.noUi-handle') : null;
 """
+)
 
 
 @dataclass(frozen=True)

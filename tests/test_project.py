@@ -121,7 +121,9 @@ def test_torch_is_never_pinned() -> None:
     _, pip = environment_requirements()
     _, binder = binder_requirements()
     for source, requirements in (
-        ("pyproject.toml", everything), ("environment.yml", pip), ("binder/requirements.txt", binder)
+        ("pyproject.toml", everything),
+        ("environment.yml", pip),
+        ("binder/requirements.txt", binder),
     ):
         for name, requirement in by_name(requirements).items():
             if name in UNPINNED:
@@ -159,8 +161,10 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_command() -> None:
     repository = load_module(REPO / "scripts" / "set_repository.py").configured_repository(REPO)
     for badge in (
         f"https://mybinder.org/v2/gh/{repository.owner_name}/{repository.branch}?labpath=notebooks",
-        f"https://colab.research.google.com/github/{repository.owner_name}/blob/{repository.branch}"
-        "/notebooks/00_start_here.ipynb",
+        (
+            f"https://colab.research.google.com/github/{repository.owner_name}/blob/{repository.branch}"
+            "/notebooks/00_start_here.ipynb"
+        ),
     ):
         assert badge in readme
 
