@@ -28,7 +28,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,21 +349,10 @@ def temperature_explorer_copy(source: Path, target: Path) -> None:
         for index, cell in enumerate(notebook.cells)
         if TEMPERATURE_EXPLORER_TAG in cell.metadata.get("tags", [])
     ]
-    if not tagged:  # until the lesson carries the tag: tag its first widget with a T= slider
-        candidates = [
-            index
-            for index, cell in enumerate(notebook.cells)
-            if cell.cell_type == "code" and "interactive_figure(" in cell.source and "T=" in cell.source
-        ]
-        assert candidates, f"{source.name}: no cell tagged {TEMPERATURE_EXPLORER_TAG!r}"
-        warnings.warn(
-            f"{source.name} has no cell tagged {TEMPERATURE_EXPLORER_TAG!r}; the test tagged cell "
-            f"{candidates[0]} (the first interactive_figure with a T= slider) in its copy",
-            stacklevel=2,
-        )
-        notebook.cells[candidates[0]].metadata.setdefault("tags", []).append(TEMPERATURE_EXPLORER_TAG)
-        tagged = candidates[:1]
-    assert len(tagged) == 1, f"{source.name}: {len(tagged)} cells tagged {TEMPERATURE_EXPLORER_TAG!r}"
+    assert len(tagged) == 1, (
+        f"{source.name}: {len(tagged)} cells tagged {TEMPERATURE_EXPLORER_TAG!r}; tag the soft-target "
+        "temperature widget cell (and only it)"
+    )
     notebook.cells = notebook.cells[: tagged[0] + 1]
     nbformat.write(notebook, target)
 
