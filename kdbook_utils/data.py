@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from torchvision import datasets
 from tqdm.auto import tqdm
 
+from kdbook_utils import distributed
 from kdbook_utils.checkpoints import cache_dir
 from kdbook_utils.presets import DATA_ROOT_ENV_VAR, Preset
 from kdbook_utils.train import resolve_device
@@ -804,6 +805,26 @@ class TensorLoader:
 
     ``fingerprint`` names the data, augmentation, batching and seed, so two loaders with the same
     fingerprint yield the same batches epoch by epoch (a cache of teacher outputs keys on it).
+
+    **Several processes** (``torchrun``, see :mod:`kdbook_utils.distributed`). With ``shard=None`` (the
+    default) a loader made while a process group runs gives each process its own slice of every epoch;
+    ``shard=False`` gives every process everything. Every process draws the same epoch plan (the same
+    seed), then keeps its slice:
+
+    * a training loader (``train=True``): ``batch_size`` is the *global* batch, and process ``r`` of
+      ``w`` takes plan positions ``r, r + w, r + 2w, ...``, so its batches have ``batch_size / w`` images
+      and step ``k`` of all processes together covers exactly the images of global batch ``k`` (as
+      ``DistributedSampler`` interleaves). ``batch_size`` must be a multiple of ``w``. When the data set
+      size ``N`` is not a multiple of ``w``, the last ``N mod w`` positions of each epoch's shuffled
+      order (at most ``w - 1`` images, other ones each epoch) are left out of that epoch, so that every
+      process runs the same number of equally sized steps (a process waiting at a gradient exchange for
+      a step its partners never take would hang);
+    * an evaluation loader (``train=False``): process ``r`` takes the ``r``-th of ``w`` contiguous
+      blocks of the data set (sizes differ by at most one image; nothing is left out). ``fit``,
+      ``evaluate`` and ``predict`` put the processes' results together.
+
+    ``fingerprint`` stays that of the whole run (the global batches), so every process names the same
+    data in a cache file's recipe.
     """
 
     def __init__(
@@ -820,6 +841,7 @@ class TensorLoader:
         padding: int = 4,
         flip: bool | None = None,
         channels_last: bool = False,
+        shard: bool | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
@@ -847,6 +869,18 @@ class TensorLoader:
             raise ValueError(
                 f"drop_last=True with {len(dataset)} images and batch_size={batch_size} leaves no batch."
             )
+        # Sharding over processes (torchrun): this process's rank among `shards` (1: it sees everything).
+        self.shards = distributed.world_size() if shard is not False and distributed.is_active() else 1
+        self.rank = distributed.rank() if self.shards > 1 else 0
+        if self.shards > 1 and train and batch_size % self.shards:
+            lower = batch_size - batch_size % self.shards
+            raise ValueError(
+                f"batch_size={batch_size} is the global batch of {self.shards} processes and must split "
+                f"evenly among them; use a multiple of {self.shards}, e.g. {lower or self.shards} or "
+                f"{lower + self.shards}."
+            )
+        # The images per batch this process yields (batch_size, unless a training loader is sharded).
+        self.local_batch_size = batch_size // self.shards if train else batch_size
 
         # The whole data set moves to the device once, as uint8 (4x smaller than float32).
         self.images = dataset.images.to(self.device)
@@ -858,8 +892,20 @@ class TensorLoader:
         self._shift = (-mean / std).to(self.device)
 
     def __len__(self) -> int:
+        if self.shards > 1:
+            full, rest = divmod(len(self._shard_positions()), self.local_batch_size)
+            return full if self.drop_last or rest == 0 else full + 1
         full, rest = divmod(len(self.dataset), self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
+
+    def _shard_positions(self) -> Tensor:
+        """The positions of an epoch's plan that this process takes (see the class docstring)."""
+        count = len(self.dataset)
+        if self.train:
+            return torch.arange(self.rank, count - count % self.shards, self.shards)
+        share, extra = divmod(count, self.shards)
+        start = self.rank * share + min(self.rank, extra)
+        return torch.arange(start, start + share + (self.rank < extra))
 
     def __repr__(self) -> str:
         return (
@@ -903,7 +949,8 @@ class TensorLoader:
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
         """The random choices of epoch ``epoch``, drawn on the CPU from a generator seeded with
-        ``(seed, epoch)``, so they are the same on every device."""
+        ``(seed, epoch)``, so they are the same on every device. A sharded loader returns this process's
+        slice of the plan (every process draws the whole plan, then keeps its positions)."""
         generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         count = len(self.dataset)
         order = torch.randperm(count, generator=generator) if self.shuffle else torch.arange(count)
@@ -914,6 +961,9 @@ class TensorLoader:
             left = torch.randint(span, (count,), generator=generator)
             if self.flip:
                 flip = torch.randint(2, (count,), generator=generator).bool()
+        if self.shards > 1:
+            mine = self._shard_positions()
+            return EpochPlan(*(None if part is None else part[mine] for part in (order, top, left, flip)))
         return EpochPlan(order, top, left, flip)
 
     def epoch_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -921,12 +971,12 @@ class TensorLoader:
         return self._batches(self.epoch_plan(epoch).to(self.device))
 
     def _batches(self, plan: EpochPlan) -> Iterator[tuple[Tensor, Tensor]]:
-        count = len(self.dataset)
-        stop_at = count - count % self.batch_size if self.drop_last else count
         order, top, left, flip = plan
-        for start in range(0, stop_at, self.batch_size):
-            stop = min(start + self.batch_size, stop_at)
-            if self.shuffle:
+        count, batch_size = len(order), self.local_batch_size
+        stop_at = count - count % batch_size if self.drop_last else count
+        for start in range(0, stop_at, batch_size):
+            stop = min(start + batch_size, stop_at)
+            if self.shuffle or self.shards > 1:
                 indices = order[start:stop]
                 images, labels = self.images.index_select(0, indices), self.labels.index_select(0, indices)
             else:

@@ -36,7 +36,8 @@ from scipy import stats
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdbook_utils.checkpoints import cache_dir, load_or_train
+from kdbook_utils import distributed
+from kdbook_utils.checkpoints import cache_dir, load_checkpoint, load_or_train, save_checkpoint
 from kdbook_utils.data import DataSplits, ImageDataset, TensorLoader
 from kdbook_utils.methods.crosslayer import adapt_teacher
 from kdbook_utils.methods.mskd import ExitHeadsCrossEntropy, MultiExitCrossEntropy, exit_accuracies
@@ -130,17 +131,29 @@ def cached_model(
     network (``will_train`` is False when its weights will come from the file); ``train(model)`` trains it
     in place and returns its history. The model comes back frozen (:func:`~kdbook_utils.train.freeze`) on
     ``device``.
+
+    Under ``torchrun`` every process trains the model together (``fit`` splits the work); only process 0
+    writes the file, and the others wait for it at a barrier, then load it.
     """
     if any(separator in name for separator in ("/", "\\")):
         raise ValueError(f"A cache name must not contain path separators; got {name!r}.")
     path = cache_dir() / "models" / f"{name}_{recipe_hash(recipe)}.pt"
     device = resolve_device(device)
-    will_train = not path.is_file()
+    will_train = distributed.broadcast_object(not path.is_file())  # process 0 decides for all
     model = build(will_train)
     started = time.perf_counter()
-    model, history, loaded = load_or_train(model, path, train, recipe=dict(recipe))
+    if will_train and distributed.is_active():
+        history = train(model)
+        if distributed.is_main_process():
+            save_checkpoint(model, path, recipe=dict(recipe), history=history)
+        distributed.barrier()
+        if not distributed.is_main_process():
+            load_checkpoint(model, path)
+        loaded = False
+    else:
+        model, history, loaded = load_or_train(model, path, train, recipe=dict(recipe))
     freeze(model.to(device))
-    if not quiet:
+    if not quiet and distributed.is_main_process():
         if loaded:
             print(f"Loaded {name} from the cache: {path}")
         else:
@@ -410,8 +423,8 @@ class _LoaderView:
     def _indices(self, epoch: int, batch: int) -> Tensor:
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, self.loader.epoch_plan(epoch).order.to(self.loader.labels.device))
-        start = batch * self.loader.batch_size
-        return self._order[1][start : start + self.loader.batch_size]
+        start = batch * self.loader.local_batch_size  # under torchrun: this process's slice of the batch
+        return self._order[1][start : start + self.loader.local_batch_size]
 
     def outputs(
         self, teacher: nn.Module, images: Tensor, labels: Tensor, layers: tuple[str, ...], epoch: int, batch: int

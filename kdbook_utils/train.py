@@ -46,8 +46,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from kdbook_utils import distributed
 from kdbook_utils.features import FeatureExtractor
 from kdbook_utils.presets import get_preset
 
@@ -554,8 +556,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def resolve_device(device: DeviceLike = None) -> torch.device:
     """The device rule: ``None`` means the current preset's device (``$KDBOOK_PRESET``), chosen by
-    :func:`choose_device`; anything else is passed to :func:`choose_device`."""
-    return choose_device(get_preset().device if device is None else device)
+    :func:`choose_device`; anything else is passed to :func:`choose_device`. Under ``torchrun`` a bare
+    ``cuda`` means this process's GPU, ``cuda:$LOCAL_RANK``."""
+    return distributed.local_device(choose_device(get_preset().device if device is None else device))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -597,6 +600,22 @@ def fit(
     and the model keeps the weights it had when stopped. A NaN or infinite loss stops training with a
     :class:`NonFiniteLossError` that names the epoch, the batch and the loss term; the model is put back
     to the weights of its last completed epoch.
+
+    **Several processes.** Under ``torchrun`` (after :func:`kdbook_utils.distributed.init`), every process
+    calls ``fit`` with the same arguments and they train one model together: the method is wrapped in
+    ``DistributedDataParallel`` (gradients averaged over the processes at every step), each process
+    trains on its slice of every batch (``TensorLoader`` shards by rank), the buffers (batch-norm
+    statistics) are made those of process 0 after every epoch, and the loss sums, correct counts and
+    validation scores are added up over the processes, so every process returns the same history, that
+    of the whole run. *The learning-rate rule*: a ``TensorLoader``'s ``batch_size`` is the global batch,
+    split among the processes, and ``lr`` is used as given, so a run on ``w`` processes takes the same
+    optimisation steps as one process with the same ``batch_size`` and ``lr`` (exactly so for a network
+    without batch norm, up to the order of floating-point sums; batch norm normalises each process's
+    share of the batch) and the lessons' settings mean the same on one GPU or eight. To train with a
+    larger global batch instead, raise ``batch_size`` and scale ``lr`` with it (the linear scaling rule
+    of Goyal et al. 2017: ``lr = base_lr * global_batch / base_batch``, with a few epochs of warm-up).
+    A loader that is not a ``TensorLoader`` is not sharded: give a ``DataLoader`` a
+    ``DistributedSampler``. Only process 0 shows progress bars.
 
     Args:
         method: what to train. Its parameters that require gradients are optimised (a frozen teacher's
@@ -654,6 +673,8 @@ def fit(
         method.to(memory_format=torch.channels_last)
     student = _student_of(method)
     total_epochs = sum(phase.epochs for phase in phases)
+    spread = distributed.is_active()  # several processes train together (torchrun)
+    progress = progress and distributed.is_main_process()
     rows: list[dict[str, Any]] = []
     epoch_bar = tqdm(total=total_epochs, desc=desc or "training", unit="epoch", disable=not progress)
     batch_bar = tqdm(total=_length(train_loader), unit="batch", leave=False, disable=not progress)
@@ -665,6 +686,7 @@ def fit(
             method.set_phase(phase.name)
             phase_optimizer = optimizer or _sgd(method, phase.lr, momentum, weight_decay, nesterov)
             base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in phase_optimizer.param_groups]
+            trainer = _data_parallel(method, device) if spread else method
             for phase_epoch in range(phase.epochs):
                 started = time.perf_counter()
                 for group, base_lr in zip(phase_optimizer.param_groups, base_lrs):
@@ -684,7 +706,7 @@ def fit(
                         checked_first_batch = True
                     method.on_batch_start(loader_epoch, batch_index)
                     with _autocast(device, amp_dtype):
-                        logits, losses = method(images, labels)
+                        logits, losses = trainer(images, labels)
                         loss = _total_loss(losses)
                     method.on_batch_end()
                     phase_optimizer.zero_grad(set_to_none=True)
@@ -699,6 +721,9 @@ def fit(
                     if progress and time.monotonic() - last_postfix > 0.5:  # reads the GPU twice a second
                         last_postfix = time.monotonic()
                         batch_bar.set_postfix(tally.running_summary(), refresh=False)
+                if spread:
+                    tally.add_up_processes()
+                    _share_buffers(method)
                 if tally.seen == 0:
                     raise ValueError("train_loader yielded no batches: is the data set empty?")
                 problem = tally.non_finite()
@@ -773,6 +798,25 @@ def _load_trainable_state(method: Distiller, state: dict[str, Tensor]) -> None:
     method.load_state_dict(state, strict=False)
 
 
+def _data_parallel(method: Distiller, device: torch.device) -> nn.Module:
+    """``method`` wrapped for training across processes: DDP averages the gradients at every step.
+
+    Made once per phase: a phase may leave parameters out of the loss (FSP's Gram phase never uses the
+    classifier), and within a phase the same parameters are used at every step, which ``static_graph``
+    tells DDP (it then finds the unused ones itself, without searching the graph at every step).
+    """
+    return DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None, static_graph=True)
+
+
+def _share_buffers(method: Distiller) -> None:
+    """Give every process process 0's buffers (batch-norm statistics each process updated on its own
+    share of the batches), so that all hold the same model after every epoch."""
+    frozen = "" if method.teacher_trains else "teachers."
+    distributed.broadcast_tensors(
+        [buffer for name, buffer in method.named_buffers() if not (frozen and name.startswith(frozen))]
+    )
+
+
 class _EpochTally:
     """Sums of the loss terms, correct answers per output and the first non-finite batch, as tensors on
     the device (no waiting for the GPU until the epoch ends)."""
@@ -806,6 +850,24 @@ class _EpochTally:
             correct = torch.stack([(out.detach().argmax(dim=1) == labels).sum() for out in outputs])
             self.correct = correct if self.correct is None else self.correct + correct
         self.seen += batch_size
+
+    def add_up_processes(self) -> None:
+        """Make the tally that of all processes together (every process ends with the same sums)."""
+        names = list(self.loss_sums)
+        sums = distributed.sum_across_processes(torch.stack([self.loss_sums[name] for name in names]))
+        self.loss_sums = dict(zip(names, sums))
+        if self.correct is not None:
+            self.correct = distributed.sum_across_processes(self.correct)
+        seen = distributed.sum_across_processes(torch.tensor([self.seen], device=self.device))
+        self.seen = int(seen.item())
+        # the first bad batch of any process (-1, none, counts as the largest value)
+        unseen = torch.iinfo(torch.int64).max
+        first = torch.where(self.first_bad_batch < 0, torch.full_like(self.first_bad_batch, unseen),
+                            self.first_bad_batch).reshape(1)  # fmt: skip
+        first = distributed.min_across_processes(first)[0]
+        self.first_bad_batch = torch.where(first == unseen, torch.full_like(first, -1), first)
+        if self.bad_terms is not None:
+            self.bad_terms = distributed.sum_across_processes(self.bad_terms.to(torch.int64)) > 0
 
     def non_finite(self) -> tuple[int, str] | None:
         batch = int(self.first_bad_batch.item())
@@ -968,6 +1030,8 @@ def _evaluate(
             hits = torch.stack([(out.argmax(dim=1) == labels).sum() for out in every])
             correct = hits if correct is None else correct + hits
             count += labels.shape[0]
+    if distributed.is_active() and getattr(loader, "shards", 1) > 1:  # each process saw its block
+        loss_sum, correct, count, outputs = _add_up_evaluations(loss_sum, correct, count, outputs, device)
     if count == 0 or correct is None:
         raise ValueError("The loader yielded no batches to evaluate: is the data set empty?")
     accuracies = (100.0 * correct.double() / count).tolist()
@@ -975,6 +1039,19 @@ def _evaluate(
     if outputs > 1:
         scores["per_output"] = dict(zip(output_names(model, outputs), accuracies))
     return scores
+
+
+def _add_up_evaluations(
+    loss_sum: Tensor, correct: Tensor | None, count: int, outputs: int, device: torch.device
+) -> tuple[Tensor, Tensor | None, int, int]:
+    """The sums of every process's block of an evaluation (a process may have had no images)."""
+    mine = (float(loss_sum.item()), None if correct is None else correct.cpu(), count, outputs)
+    parts = [part for part in distributed.all_gather_objects(mine) if part[1] is not None]
+    if not parts:
+        return loss_sum, correct, 0, outputs
+    total_loss = torch.tensor(sum(part[0] for part in parts), dtype=torch.float64, device=device)
+    total_correct = torch.stack([part[1] for part in parts]).sum(dim=0).to(device)
+    return total_loss, total_correct, sum(part[2] for part in parts), parts[0][3]
 
 
 def predict(model: nn.Module, loader: Batches, device: DeviceLike = None) -> tuple[Logits, Tensor]:
@@ -1005,6 +1082,13 @@ def predict(model: nn.Module, loader: Batches, device: DeviceLike = None) -> tup
                 all_labels.append(labels.cpu())
     finally:
         model.train(was_training)
+    if distributed.is_active() and getattr(loader, "shards", 1) > 1:  # blocks of the data, in rank order
+        blocks = distributed.all_gather_objects((per_output, all_labels, multiple))
+        blocks = [block for block in blocks if block[1]]
+        if blocks:
+            multiple = blocks[0][2]
+            per_output = [sum((block[0][k] for block in blocks), []) for k in range(len(blocks[0][0]))]
+            all_labels = sum((block[1] for block in blocks), [])
     if not all_labels:
         raise ValueError("The loader yielded no batches to predict: is the data set empty?")
     stacked = [torch.cat(bucket) for bucket in per_output]
