@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import math
 import os
 import platform
@@ -686,7 +687,10 @@ def fit(
             method.set_phase(phase.name)
             phase_optimizer = optimizer or _sgd(method, phase.lr, momentum, weight_decay, nesterov)
             base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in phase_optimizer.param_groups]
-            trainer = _data_parallel(method, device) if spread else method
+            if spread:  # the previous phase's DDP must be gone (its gradient hooks with it) before the next
+                trainer = None
+                gc.collect()
+            trainer = _data_parallel(method, device, several_phases=len(phases) > 1) if spread else method
             for phase_epoch in range(phase.epochs):
                 started = time.perf_counter()
                 for group, base_lr in zip(phase_optimizer.param_groups, base_lrs):
@@ -798,14 +802,17 @@ def _load_trainable_state(method: Distiller, state: dict[str, Tensor]) -> None:
     method.load_state_dict(state, strict=False)
 
 
-def _data_parallel(method: Distiller, device: torch.device) -> nn.Module:
+def _data_parallel(method: Distiller, device: torch.device, *, several_phases: bool) -> nn.Module:
     """``method`` wrapped for training across processes: DDP averages the gradients at every step.
 
-    Made once per phase: a phase may leave parameters out of the loss (FSP's Gram phase never uses the
-    classifier), and within a phase the same parameters are used at every step, which ``static_graph``
-    tells DDP (it then finds the unused ones itself, without searching the graph at every step).
+    Made once per phase. A method with several phases may leave parameters out of a phase's loss (FSP's
+    Gram phase never uses the classifier), so DDP then looks for unused parameters after every step
+    (``find_unused_parameters``, a walk over the autograd graph); a one-phase method must use every
+    parameter it trains in every step, or DDP stops with an error that names them.
     """
-    return DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None, static_graph=True)
+    return DistributedDataParallel(
+        method, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=several_phases
+    )
 
 
 def _share_buffers(method: Distiller) -> None:
