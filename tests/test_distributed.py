@@ -12,7 +12,7 @@ alone and under ``torchrun --nproc_per_node=2``, each time in a subprocess with 
 * A process that fails stops the whole job: torchrun exits non-zero, the error text reaches stderr, and
   nothing hangs.
 
-Plus the sharding itself, in one process: the slices of every process together cover each global
+And a lesson's stage run through the command line under torchrun. Plus the sharding itself, in one process: the slices of every process together cover each global
 batch exactly once.
 """
 
@@ -28,6 +28,7 @@ import torch
 
 from kdbook_utils import distributed
 from kdbook_utils.data import ImageDataset, TensorLoader
+from kdbook_utils.experiments import read_results
 
 JOB = Path(__file__).with_name("distributed_job.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,14 +36,16 @@ TIME_LIMIT = 300  # seconds for one job, torch imports of both processes include
 TOLERANCE = 1e-4
 
 
-def run_job(out: Path, cache: Path, *, processes: int, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_job(
+    out: Path, cache: Path, *, processes: int, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "KDBOOK_CACHE": str(cache), "OMP_NUM_THREADS": "1", "KDBOOK_DIST_TIMEOUT_MINUTES": "2",
            "PYTHONPATH": str(ROOT)}  # fmt: skip
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     return subprocess.run([*launcher, str(JOB), str(out), *extra], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=TIME_LIMIT)  # fmt: skip
+                          text=True, timeout=TIME_LIMIT, check=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     for name, processes in (("one", 1), ("two", 2)):
         folder = tmp_path_factory.mktemp(name)
         done = run_job(folder / "out", folder / "cache", processes=processes)
-        assert done.returncode == 0, f"{name} process(es) failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-        results[name] = [torch.load(folder / "out" / f"rank{r}.pt", weights_only=False) for r in range(processes)]
+        assert done.returncode == 0, (
+            f"{name} process(es) failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        )
+        results[name] = [
+            torch.load(folder / "out" / f"rank{r}.pt", weights_only=False) for r in range(processes)
+        ]
     return results
 
 
@@ -105,8 +112,12 @@ def test_a_failing_process_stops_the_job_with_its_error(tmp_path: Path) -> None:
 
 
 def tiny_data(count: int) -> ImageDataset:
-    images = torch.arange(count * 3 * 4 * 4, dtype=torch.int64).remainder(251).to(torch.uint8).view(count, 3, 4, 4)
-    return ImageDataset("tiny", "train", images, torch.arange(count) % 3, ["a", "b", "c"], (0.5,) * 3, (0.25,) * 3)
+    images = (
+        torch.arange(count * 3 * 4 * 4, dtype=torch.int64).remainder(251).to(torch.uint8).view(count, 3, 4, 4)
+    )
+    return ImageDataset(
+        "tiny", "train", images, torch.arange(count) % 3, ["a", "b", "c"], (0.5,) * 3, (0.25,) * 3
+    )
 
 
 def shard(loader: TensorLoader, rank: int, world: int) -> TensorLoader:
@@ -129,7 +140,9 @@ def test_training_shards_cover_each_global_batch_once(count: int) -> None:
     assert len({len(s) for s in slices}) == 1  # every process takes the same number of steps
     for step in range(len(slices[0])):
         together = torch.cat([o[step * 2 : step * 2 + 2] for o in orders])
-        assert sorted(together.tolist()) == sorted(full_order[step * batch : min((step + 1) * batch, used)].tolist())
+        assert sorted(together.tolist()) == sorted(
+            full_order[step * batch : min((step + 1) * batch, used)].tolist()
+        )
     # process r's batch k is global batch k's images r, r + world, ..., cropped and flipped the same way
     global_batches = list(whole.epoch_batches(2))
     for rank, loader in enumerate(slices):
@@ -161,3 +174,24 @@ def test_one_process_does_not_shard() -> None:
     loader = TensorLoader(tiny_data(10), 4, train=True, device="cpu")
     assert (loader.shards, loader.rank, loader.local_batch_size) == (1, 0, 4)
     assert [len(labels) for _, labels in loader] == [4, 4, 2]
+
+
+def test_a_lesson_runs_under_torchrun_through_the_command_line(tmp_path: Path) -> None:
+    """Lesson 3's final stage on two processes: a method with two phases (a Gram phase that leaves the
+    classifier out), cached teacher outputs per process, one results file written by process 0."""
+    env = {**os.environ, "KDBOOK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "KDBOOK_DIST_TIMEOUT_MINUTES": "2", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "kdbook_utils", "run", "crosslayer", "--preset", "quick", "--stage", "final", "--seeds", "0", "1",
+               "--set", "teachers=1", "--set", "teacher_epochs=1", "--set", "gram_epochs=1", "--set", "task_epochs=2",
+               "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(
+        command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIME_LIMIT, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("Wrote ") == 1  # process 0 alone writes and reports
+    runs, provenance = read_results(tmp_path / "out" / "quick" / "crosslayer")
+    assert provenance["executor"] == "torchrun, 2 processes"
+    assert sorted(runs["seed"].unique()) == [0, 1] and set(runs["split"]) == {"val", "test"}
+    assert runs["accuracy"].between(0, 100).all()
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1  # the teacher, saved once
