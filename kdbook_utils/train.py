@@ -1094,8 +1094,8 @@ def predict(model: nn.Module, loader: Batches, device: DeviceLike = None) -> tup
         blocks = [block for block in blocks if block[1]]
         if blocks:
             multiple = blocks[0][2]
-            per_output = [sum((block[0][k] for block in blocks), []) for k in range(len(blocks[0][0]))]
-            all_labels = sum((block[1] for block in blocks), [])
+            per_output = [[part for block in blocks for part in block[0][k]] for k in range(len(blocks[0][0]))]
+            all_labels = [part for block in blocks for part in block[1]]
     if not all_labels:
         raise ValueError("The loader yielded no batches to predict: is the data set empty?")
     stacked = [torch.cat(bucket) for bucket in per_output]
