@@ -25,6 +25,7 @@ name                    where the data come from
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import numbers
 import os
@@ -33,7 +34,6 @@ import re
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -344,9 +344,7 @@ VALIDATION_SEED = 1234
 """Seed of the validation hold-out: fixed, so every lesson and every run validates on the same images."""
 
 
-def preset_data(
-    preset: Preset, root: str | os.PathLike | None = None, download: bool = False
-) -> DataSplits:
+def preset_data(preset: Preset, root: str | os.PathLike | None = None, download: bool = False) -> DataSplits:
     """The ``(train, val, test)`` splits of a preset.
 
     ``val`` is a stratified hold-out of ``preset.val_size`` images from the training split (drawn with
@@ -359,7 +357,9 @@ def preset_data(
         train, val = full.holdout(preset.val_size, seed=VALIDATION_SEED)
         val.split = "val"
     else:
-        raise ValueError(f"Preset {preset.name!r} has val_size=0; give it a validation hold-out (val_size > 0).")
+        raise ValueError(
+            f"Preset {preset.name!r} has val_size=0; give it a validation hold-out (val_size > 0)."
+        )
     if preset.train_subset is not None and preset.train_subset < len(train):
         train = train.subset(preset.train_subset, seed=0)
     test = load_dataset(preset.dataset, "test", root, download, subset=preset.test_subset, seed=0)

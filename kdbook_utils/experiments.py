@@ -18,10 +18,14 @@ The notebooks call these with the preset's data and device; nothing here draws a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
+import os
+import platform
+import subprocess
 import time
 import warnings
 import weakref
@@ -198,7 +202,9 @@ def cached_teacher(
     def build(will_train: bool) -> nn.Module:
         seed_everything(seed)
         extra = {"pretrained": True, "download": download} if pretrained and will_train else {}
-        return create_model(arch, train_data.num_classes, in_channels=train_data.image_shape[0], **options, **extra)
+        return create_model(
+            arch, train_data.num_classes, in_channels=train_data.image_shape[0], **options, **extra
+        )
 
     def train(model: nn.Module) -> pd.DataFrame:
         return fit(model, loader, _eval_loader(val_data, device), epochs=epochs, lr=lr, device=device,
@@ -340,7 +346,9 @@ def _nbytes(outputs: TeacherOutputs) -> int:
 
 def _detached_float(outputs: TeacherOutputs) -> TeacherOutputs:
     logits = outputs.logits
-    logits = [t.detach().float() for t in logits] if isinstance(logits, (list, tuple)) else logits.detach().float()
+    logits = (
+        [t.detach().float() for t in logits] if isinstance(logits, (list, tuple)) else logits.detach().float()
+    )
     return TeacherOutputs(logits, {k: v.detach().float() for k, v in outputs.features.items()})
 
 
@@ -427,7 +435,13 @@ class _LoaderView:
         return self._order[1][start : start + self.loader.local_batch_size]
 
     def outputs(
-        self, teacher: nn.Module, images: Tensor, labels: Tensor, layers: tuple[str, ...], epoch: int, batch: int
+        self,
+        teacher: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        layers: tuple[str, ...],
+        epoch: int,
+        batch: int,
     ) -> TeacherOutputs:
         cache = self.cache
         teacher_id = cache.fingerprint(teacher)
@@ -494,14 +508,21 @@ class _LoaderView:
         sums = images.detach().reshape(images.shape[0], -1).sum(dim=1, dtype=torch.float64)
         entry = cache._batches.get(key)
         if entry is not None and set(layers) <= set(entry.outputs.features):
-            same = entry.labels.shape == labels.shape and torch.equal(entry.labels, labels.to(entry.labels.device))
-            if not (same and torch.allclose(sums.to(entry.image_sums.device), entry.image_sums, rtol=1e-5, atol=1e-3)):
+            same = entry.labels.shape == labels.shape and torch.equal(
+                entry.labels, labels.to(entry.labels.device)
+            )
+            if not (
+                same
+                and torch.allclose(sums.to(entry.image_sums.device), entry.image_sums, rtol=1e-5, atol=1e-3)
+            ):
                 raise TeacherCacheMismatch(
                     f"The teacher cache holds outputs for epoch {epoch}, batch {batch} of this loader, but this "
                     "batch has other images or labels. Train with the loader the cache view was made for."
                 )
             cache.hits += 1
-            return TeacherOutputs(entry.outputs.logits, {layer: entry.outputs.features[layer] for layer in layers})
+            return TeacherOutputs(
+                entry.outputs.logits, {layer: entry.outputs.features[layer] for layer in layers}
+            )
         with torch.no_grad():
             outputs = _detached_float(run_with_features(teacher, images, layers))
         cache.misses += 1
@@ -530,6 +551,7 @@ class StudentRun:
     seconds: float
     failed: str = ""  # why the run failed, or "" if it did not
     logits: dict[str, Any] = field(default_factory=dict)  # split -> (logits or list of exit logits, labels)
+    method: nn.Module | None = None  # what trained it (e.g. to read a jointly trained teacher afterwards)
 
     def rows(self, **labels: Any) -> list[dict[str, Any]]:
         """Tidy rows ``{**labels, split, output, accuracy, seconds, failed}``, one per split and output."""
@@ -560,6 +582,7 @@ def train_student(
     keep_logits: bool = False,
     device: DeviceLike = None,
     progress: bool = False,
+    **fit_options: Any,
 ) -> StudentRun:
     """Train a fresh student with ``method`` (None: cross-entropy alone) and measure it.
 
@@ -570,6 +593,7 @@ def train_student(
     ``MultiExit`` that the method wrapped around the plain student). The student is measured on
     ``splits`` of ``data``: accuracy in percent per output (a multi-exit student: every exit and their
     ensemble). A run whose loss became NaN is returned flagged as failed rather than raised.
+    ``fit_options`` go to :func:`~kdbook_utils.train.fit` (e.g. ``amp="bf16"``).
     """
     device = resolve_device(device)
     loader = _loaders(data.train, batch_size, seed, device, augment=augment)
@@ -581,7 +605,7 @@ def train_student(
     started = time.perf_counter()
     failed = ""
     try:
-        history = fit(trainer, loader, epochs=epochs, lr=lr, device=device, progress=progress)
+        history = fit(trainer, loader, epochs=epochs, lr=lr, device=device, progress=progress, **fit_options)
     except NonFiniteLossError as error:
         history = getattr(error, "history", pd.DataFrame())
         failed = f"non-finite loss ({error})"
@@ -596,7 +620,9 @@ def train_student(
         if isinstance(outputs, list):
             accuracy[split] = exit_accuracies(outputs, labels, output_names(network, len(outputs)))
         else:
-            accuracy[split] = pd.Series({"final": 100.0 * (outputs.argmax(1) == labels).double().mean().item()})
+            accuracy[split] = pd.Series(
+                {"final": 100.0 * (outputs.argmax(1) == labels).double().mean().item()}
+            )
         if keep_logits:
             logits[split] = (outputs, labels)
     if not failed and splits:
@@ -604,7 +630,7 @@ def train_student(
         final = float(accuracy[splits[0]]["final"])
         if not math.isfinite(final) or final < FAILED_IF_BELOW_CHANCE_TIMES * chance:
             failed = f"accuracy {final:.1f} % on {splits[0]} is at or near chance ({chance:.0f} %)"
-    return StudentRun(network, history, accuracy, seconds, failed, logits)
+    return StudentRun(network, history, accuracy, seconds, failed, logits, trainer)
 
 
 def run_seeds(
@@ -685,7 +711,9 @@ class Comparison:
 
     def summary(self) -> str:
         """Markdown: one sentence per method other than the baseline."""
-        return "\n".join(f"- {self.sentence(method)}" for method in self.table.index if method != self.baseline)
+        return "\n".join(
+            f"- {self.sentence(method)}" for method in self.table.index if method != self.baseline
+        )
 
 
 def compare(
@@ -717,7 +745,9 @@ def compare(
         chosen = {m: (wanted if wanted in outs else outs[-1]) for m, outs in per_method.items()}
         table = table[[chosen[m] == o for m, o in zip(table[by], table["output"])]]
     if table.empty:
-        raise ValueError(f"No runs for split {split!r}; the runs have splits {sorted(runs.get('split', pd.Series()).unique())}.")
+        raise ValueError(
+            f"No runs for split {split!r}; the runs have splits {sorted(runs.get('split', pd.Series()).unique())}."
+        )
     names = list(methods) if methods is not None else list(dict.fromkeys(table[by]))
     if baseline not in names:
         names.insert(0, baseline)
@@ -725,7 +755,9 @@ def compare(
     missing = [name for name in names if name not in known]
     if missing:
         raise ValueError(f"No runs of {missing}; the runs have {sorted(known)}.")
-    failed = table["failed"].astype(bool) if "failed" in table.columns else pd.Series(False, index=table.index)
+    failed = (
+        table["failed"].astype(bool) if "failed" in table.columns else pd.Series(False, index=table.index)
+    )
     good = table[~failed]
     base = good[good[by] == baseline].set_index("seed")[metric]
     rows, pairs = {}, []
@@ -749,7 +781,9 @@ def compare(
         rows[name] = row
     summary = pd.DataFrame.from_dict(rows, orient="index")
     summary.index.name = by
-    return Comparison(summary, pd.DataFrame(pairs, columns=["method", "seed", "difference"]), baseline, metric, split)
+    return Comparison(
+        summary, pd.DataFrame(pairs, columns=["method", "seed", "difference"]), baseline, metric, split
+    )
 
 
 def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
@@ -765,3 +799,83 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> d
     verdict = "better" if low > 0 else "worse" if high < 0 else "no difference"
     return {"difference": mean, "ci_low": low, "ci_high": high, "verdict": verdict}
 
+
+# --------------------------------------------------------------------------------------------------------
+# Recorded results
+# --------------------------------------------------------------------------------------------------------
+
+RESULT_COLUMNS = ("lesson", "stage", "method", "seed", "split", "output", "accuracy", "seconds", "failed")
+"""The columns every results file has (a lesson may add its own, e.g. a sweep's ``T`` and ``alpha``)."""
+
+
+def machine_description() -> str:
+    """The hardware a run used, in words: the CPU model and core count, and the GPU when there is one."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    description = f"{cpu}, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        description += f", GPU {torch.cuda.get_device_name(0)}"
+    return description
+
+
+def git_commit(folder: Path | None = None) -> str:
+    """The repository's current commit (with ``+changes`` when the tree differs from it), or ``unknown``."""
+    folder = folder or Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def write_results(runs: pd.DataFrame, path: Path, provenance: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write a results table (``<path>.csv``, one row per run) and its provenance (``<path>.json``), each
+    atomically. The table must have :data:`RESULT_COLUMNS`. Under ``torchrun`` only process 0 writes
+    (the others wait until the files are there)."""
+    missing = [column for column in RESULT_COLUMNS if column not in runs.columns]
+    if missing:
+        raise ValueError(f"A results table needs the columns {list(RESULT_COLUMNS)}; {missing} are missing.")
+    path = Path(path)
+    table_path, meta_path = path.with_suffix(".csv"), path.with_suffix(".json")
+    if not distributed.is_main_process():
+        distributed.barrier()
+        return table_path, meta_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, text in (
+        (table_path, runs.to_csv(index=False)),
+        (meta_path, json.dumps(dict(provenance), indent=1, sort_keys=True, default=str)),
+    ):
+        temporary = target.with_name(f".{target.name}.tmp")
+        temporary.write_text(text)
+        os.replace(temporary, target)  # fmt: skip
+    distributed.barrier()
+    return table_path, meta_path
+
+
+def read_results(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A results table and its provenance, as :func:`write_results` wrote them; clear errors if a file is
+    missing or malformed."""
+    path = Path(path)
+    table_path, meta_path = path.with_suffix(".csv"), path.with_suffix(".json")
+    for needed in (table_path, meta_path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"No recorded results at {needed}.")
+    try:
+        runs = pd.read_csv(table_path, keep_default_na=False, na_values=[""], dtype={"failed": str})
+        provenance = json.loads(meta_path.read_text())
+    except (ValueError, pd.errors.ParserError) as error:
+        raise ValueError(
+            f"The recorded results {table_path} or {meta_path} are malformed: {error}"
+        ) from error
+    missing = [column for column in RESULT_COLUMNS if column not in runs.columns]
+    if missing:
+        raise ValueError(f"{table_path} lacks the columns {missing}; regenerate it.")
+    runs["failed"] = runs["failed"].fillna("").astype(str)
+    return runs, provenance

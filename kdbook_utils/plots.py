@@ -22,11 +22,11 @@ import seaborn as sns
 from matplotlib import colors
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import MaxNLocator
 
 from kdbook_utils.errors import Seen, describe, must_be
 
-__all__ = ["heatmap_grid", "image_grid", "plot_history", "results_bar", "summarize_runs"]
+__all__ = ["heatmap_grid", "image_grid", "plot_history", "plot_paired_runs", "results_bar", "summarize_runs"]
 
 #: Tick labels shown at most on one heatmap axis before they are thinned to every k-th label.
 MAX_TICK_LABELS = 15
@@ -90,7 +90,9 @@ def plot_history(
     ``histories`` is one history from :func:`kdbook_utils.train.fit` or a ``{label: history}`` dict, e.g.
     ``{"student alone": h1, "student + KD": h2}``: each run gets one colour. A metric ``m`` plots the
     columns ``train_m`` and ``val_m`` (``"loss"``, ``"acc"``, or a loss term such as ``"kd"``); a plain
-    column such as ``"lr"`` is plotted as it is. Accuracies in [0, 1] are shown as percentages.
+    column such as ``"lr"`` is plotted as it is. Accuracies are percentages (as ``fit`` logs them) on a
+    0-100 axis; a loss that spans more than a factor of 30 is drawn on a log axis, so one early spike does
+    not flatten the rest of the curve.
     """
     runs = {"": histories} if isinstance(histories, pd.DataFrame) else dict(histories)
     if not runs:
@@ -120,7 +122,7 @@ def plot_history(
             dpi=DPI,
         )
     for ax, metric in zip(axes[0], metrics):
-        as_percent = False
+        plotted: list[float] = []
         for colour, (label, history) in zip(palette, runs.items()):
             epochs = history["epoch"] if "epoch" in history.columns else pd.RangeIndex(1, len(history) + 1)
             curves = [(f"train_{metric}", "train", "--"), (f"val_{metric}", "val", "-")]
@@ -130,7 +132,7 @@ def plot_history(
                 if column not in history.columns or history[column].isna().all():
                     continue
                 values = history[column].astype(float)
-                as_percent = as_percent or (_is_accuracy(metric) and values.max() <= 1.0)
+                plotted += [value for value in values if np.isfinite(value)]
                 name = " · ".join(part for part in (label, split) if part)
                 ax.plot(
                     epochs, values, linestyle=linestyle, marker="o", markersize=3, color=colour, label=name
@@ -140,8 +142,10 @@ def plot_history(
         ax.set_ylabel("accuracy (%)" if _is_accuracy(metric) else names.get(metric, f"{metric} loss"))
         ax.set_title(names.get(metric, metric))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if as_percent:
-            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+        if _is_accuracy(metric):
+            ax.set_ylim(0, 100)
+        elif plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 30:
+            ax.set_yscale("log")
         if metric == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -183,7 +187,7 @@ def _as_matrix_list(matrices: Any) -> tuple[list[np.ndarray], int | None]:
     for index, matrix in enumerate(matrices):
         array = _to_numpy(matrix)
         if array.ndim == 3 and array.shape[0] == 1:
-            array = array[0]  # a batch of one, e.g. a Gram matrix kept as (1, C1, C2)
+            array = array[0]  # a batch of one, e.g. a Gram matrix kept as (1, C_a, C_b)
         if array.ndim != 2:
             raise ValueError(
                 must_be(
@@ -628,8 +632,8 @@ def results_bar(
       std are computed here and every run is drawn as a dot over its bar.
 
     ``kind="point"`` draws points with error bars on a zoomed axis, easier to read when methods differ
-    by less than a point. ``reference`` draws horizontal lines, e.g. ``{"teacher": 0.93}``. Values in
-    [0, 1] are shown as percentages.
+    by less than a point; bars always start at zero. ``reference`` draws horizontal lines, e.g.
+    ``{"teacher": 93.0}``. A method with a single run gets no error bar (there is no spread to show).
     """
     if kind not in ("bar", "point"):
         raise ValueError(must_be("kind", "'bar' or 'point'", kind, "'point' zooms in on close results."))
@@ -639,6 +643,7 @@ def results_bar(
         summary = summarize_runs(table, value=value, by=by)
         names = [str(name) for name in summary.index]
         means, errors = summary["mean"].to_numpy(float), summary["std"].to_numpy(float)
+        errors = np.where(summary["n"].to_numpy() > 1, errors, 0.0)
     else:
         if value not in table.columns:
             raise ValueError(
@@ -674,23 +679,19 @@ def results_bar(
             raise ValueError(
                 must_be(f"reference {name!r}", "a finite number", level, "Leave it out or fix it.")
             )
-    as_percent = bool(np.nanmax(means + errors) <= 1.0) and np.nanmin(means) >= 0.0
-    scale = 100.0 if as_percent else 1.0
     palette = sns.color_palette("colorblind", n_colors=len(names))
     positions = np.arange(len(names))
 
     with _style():
         fig, ax = plt.subplots(figsize=(max(3.5, 0.9 * len(names) + 1.5), 3.4), layout="constrained", dpi=DPI)
     if kind == "bar":
-        ax.bar(positions, means * scale, yerr=errors * scale, color=palette, capsize=4, width=0.65, zorder=2)
+        ax.bar(positions, means, yerr=errors, color=palette, capsize=4, width=0.65, zorder=2)
     else:
         for position, mean, err, colour in zip(positions, means, errors, palette):
-            ax.errorbar(
-                position, mean * scale, yerr=err * scale, fmt="o", color=colour, capsize=5, markersize=7
-            )
+            ax.errorbar(position, mean, yerr=err, fmt="o", color=colour, capsize=5, markersize=7)
     if raw is not None and by is not None:
         for position, (_, group) in zip(positions, raw.groupby(by, sort=False)):
-            values = group[value].to_numpy(float) * scale
+            values = group[value].to_numpy(float)
             jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
             ax.scatter(
                 position + jitter,
@@ -703,14 +704,14 @@ def results_bar(
             )
     line_styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
     for (name, level), style in zip((reference or {}).items(), line_styles * 4):
-        ax.axhline(level * scale, color="dimgrey", linestyle=style, linewidth=1.2, zorder=1, label=name)
+        ax.axhline(level, color="dimgrey", linestyle=style, linewidth=1.2, zorder=1, label=name)
     if annotate:
         for position, mean, err in zip(positions, means, errors):
-            text = f"{mean * scale:.1f}" + (f" ± {err * scale:.1f}" if err > 0 else "")
+            text = f"{mean:.1f}" + (f" ± {err:.1f}" if err > 0 else "")
             if kind == "bar":
                 ax.annotate(
                     text,
-                    (position, (mean + err) * scale),
+                    (position, (mean + err)),
                     xytext=(0, 3),
                     textcoords="offset points",
                     ha="center",
@@ -720,7 +721,7 @@ def results_bar(
             else:
                 ax.annotate(
                     text,
-                    (position, mean * scale),
+                    (position, mean),
                     xytext=(9, 0),
                     textcoords="offset points",
                     ha="left",
@@ -731,15 +732,77 @@ def results_bar(
         ax.legend(loc="lower right", fontsize="small", framealpha=0.9)
     long_names = max((len(name) for name in names), default=0) > 10
     ax.set_xticks(positions, names, rotation=25 if long_names else 0, ha="right" if long_names else "center")
-    ax.set_ylabel(ylabel or ("accuracy (%)" if as_percent else value))
+    ax.set_ylabel(ylabel or ("accuracy (%)" if value == "mean" or _is_accuracy(value) else value))
     if ylim is not None:
         ax.set_ylim(*ylim)
     elif kind == "bar":
-        ax.set_ylim(0, max(float(np.nanmax((means + errors) * scale)) * 1.12, 1e-9))
+        ax.set_ylim(0, max(float(np.nanmax(means + errors)) * 1.12, 1e-9))
     else:
         ax.margins(y=0.25)
         ax.set_xlim(-0.5, len(names) - 0.5 + (0.45 if annotate else 0.0))
     ax.grid(axis="x", visible=False)
     if title:
         ax.set_title(title)
+    return fig
+
+
+def plot_paired_runs(
+    runs: pd.DataFrame,
+    methods: Sequence[str] | None = None,
+    *,
+    split: str = "test",
+    output: str | None = None,
+    value: str = "accuracy",
+    title: str | None = None,
+) -> Figure:
+    """Every run as a dot, methods side by side, each seed's runs joined by a grey line: the pairing the
+    comparison uses. A black bar marks each method's mean; a failed run is a red cross.
+
+    ``runs`` is a tidy table (one row per method, seed, split and output, as ``run_seeds`` makes it);
+    ``methods`` picks and orders them (default: first-seen order). ``output`` picks one output of
+    multi-exit students (default ``"final"`` where there is one). The axis is zoomed to the data: read
+    positions, not heights.
+    """
+    table = runs[runs["split"] == split] if "split" in runs.columns else runs
+    if "output" in table.columns:
+        wanted = output or "final"
+        chosen = {
+            m: (wanted if wanted in outs else outs[-1])
+            for m, outs in table.groupby("method")["output"].unique().items()
+        }
+        table = table[[chosen[m] == o for m, o in zip(table["method"], table["output"])]]
+    names = list(methods) if methods is not None else list(dict.fromkeys(table["method"]))
+    missing = [name for name in names if name not in set(table["method"])]
+    if missing or not names:
+        raise ValueError(must_be("methods", f"names of methods in runs ({sorted(set(table['method']))})",
+                                 missing or names, "Pass methods that ran on this split."))  # fmt: skip
+    failed = (
+        table["failed"].astype(bool) if "failed" in table.columns else pd.Series(False, index=table.index)
+    )
+    with _style():
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.7 * len(names) + 1.5), 3.6), layout="constrained", dpi=DPI)
+    positions = {name: index for index, name in enumerate(names)}
+    for _, seed_runs in table[table["method"].isin(names)].groupby("seed"):
+        ordered = seed_runs.assign(position=seed_runs["method"].map(positions)).sort_values("position")
+        ax.plot(ordered["position"], ordered[value], color="grey", alpha=0.5, linewidth=1, zorder=1)
+    palette = sns.color_palette("colorblind", n_colors=len(names))
+    for name, colour in zip(names, palette):
+        mine = table[table["method"] == name]
+        good, bad = mine[~failed[mine.index]], mine[failed[mine.index]]
+        x = positions[name]
+        ax.scatter([x] * len(good), good[value], color=colour, s=28, zorder=3)
+        if len(bad):
+            ax.scatter([x] * len(bad), bad[value], color="crimson", marker="x", s=60, zorder=3,
+                       label="failed run (left out)")  # fmt: skip
+        if len(good):
+            ax.hlines(good[value].mean(), x - 0.22, x + 0.22, color="black", linewidth=2, zorder=4)
+    ax.set_xticks(range(len(names)), names, rotation=15 if max(len(n) for n in names) > 14 else 0)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylabel(f"{split} accuracy (%)" if _is_accuracy(value) else value)
+    ax.margins(y=0.15)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles[:1], labels[:1], loc="best", fontsize="small")
+    ax.set_title(title or f"Each seed's runs joined by a line; black: means over {table['seed'].nunique()} seeds",
+                 fontsize="medium")  # fmt: skip
     return fig

@@ -4,12 +4,16 @@ Every notebook has a cell tagged ``parameters`` that starts with ``PRESET = get_
 comes from the ``KDBOOK_PRESET`` environment variable (default ``quick``) unless the cell names one.
 
 =========  =======================================  ==========================================
-preset     data                                     cost
+preset     data                                     what it is for
 =========  =======================================  ==========================================
-quick      scikit-learn digits (embedded), CPU      each lesson notebook in <= 2-3 min, 2 cores
-lab        a CIFAR-10 subset (needs CIFAR on disk)  about 15 min on a laptop CPU, minutes on a GPU
-paper      the papers' data sets and schedules      GPU hours
+quick      scikit-learn digits (embedded), CPU      a class session: minutes per notebook on a CPU
+lab        a CIFAR-10 subset (needs CIFAR on disk)  real images: homework, or a GPU in class
+paper      the papers' data sets and schedules      reproducing the papers: GPU hours
+smoke      a few hundred digits, one epoch          tests only: seconds; the numbers mean nothing
 =========  =======================================  ==========================================
+
+The measured running time of every notebook under each preset is recorded in
+``kdbook_utils/results/timings.csv`` and shown in each notebook's introduction.
 """
 
 from __future__ import annotations
@@ -148,6 +152,20 @@ PRESETS: dict[str, Preset] = {
         device="auto",
         description="the papers' schedules on full CIFAR-100 / ImageNet 64x64: hours on a GPU",
         val_size=5000,
+    ),
+    "smoke": Preset(
+        name="smoke",
+        dataset="digits",
+        train_subset=200,
+        test_subset=100,
+        batch_size=32,
+        teacher_epochs=1,
+        student_epochs=1,
+        lr=0.05,
+        seeds=(0, 1),
+        device="cpu",
+        description="for tests only: every notebook runs in seconds, and its numbers mean nothing",
+        val_size=100,
     ),
 }
 

@@ -554,7 +554,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-
 def resolve_device(device: DeviceLike = None) -> torch.device:
     """The device rule: ``None`` means the current preset's device (``$KDBOOK_PRESET``), chosen by
     :func:`choose_device`; anything else is passed to :func:`choose_device`. Under ``torchrun`` a bare
@@ -848,7 +847,9 @@ class _EpochTally:
             first = (self.first_bad_batch < 0) & ~finite.all()
             self.first_bad_batch = torch.where(first, torch.full_like(self.first_bad_batch, batch_index),
                                                self.first_bad_batch)  # fmt: skip
-            self.bad_terms = torch.where(first, ~finite, self.bad_terms if self.bad_terms is not None else ~finite)
+            self.bad_terms = torch.where(
+                first, ~finite, self.bad_terms if self.bad_terms is not None else ~finite
+            )
             for name, value in zip(self.names, values):
                 weighted = value * batch_size
                 self.loss_sums[name] = self.loss_sums[name] + weighted if name in self.loss_sums else weighted
@@ -903,7 +904,11 @@ class _EpochTally:
 
 
 def _validation_columns(
-    student: nn.Module, loader: Batches, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool
+    student: nn.Module,
+    loader: Batches,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
 ) -> dict[str, float]:
     scores = _evaluate(student, loader, device, amp_dtype, channels_last)
     columns = {"val_loss": scores["loss"], "val_acc": scores["accuracy"]}
@@ -912,7 +917,9 @@ def _validation_columns(
     return columns
 
 
-def check_batch(images: Tensor, labels: Tensor, model: nn.Module | None = None, *, where: str = "a batch") -> None:
+def check_batch(
+    images: Tensor, labels: Tensor, model: nn.Module | None = None, *, where: str = "a batch"
+) -> None:
     """Refuse a batch a model cannot learn from, with the fix: images must be a float tensor
     ``(N, C, H, W)`` of finite values, labels int64 ``(N,)`` class indices in range."""
     if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
@@ -1094,7 +1101,9 @@ def predict(model: nn.Module, loader: Batches, device: DeviceLike = None) -> tup
         blocks = [block for block in blocks if block[1]]
         if blocks:
             multiple = blocks[0][2]
-            per_output = [[part for block in blocks for part in block[0][k]] for k in range(len(blocks[0][0]))]
+            per_output = [
+                [part for block in blocks for part in block[0][k]] for k in range(len(blocks[0][0]))
+            ]
             all_labels = [part for block in blocks for part in block[1]]
     if not all_labels:
         raise ValueError("The loader yielded no batches to predict: is the data set empty?")

@@ -15,7 +15,6 @@ from matplotlib import colors
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
-from matplotlib.ticker import PercentFormatter
 
 from kdbook_utils.plots import (
     MAX_TICK_LABELS,
@@ -53,9 +52,9 @@ def history(epochs: int = 5, shift: float = 0.0, terms: tuple[str, ...] = ("ce",
         frame[f"train_{term}"] = 1.0 / epoch + shift
     frame |= {
         "train_loss": len(terms) / epoch + shift,
-        "train_acc": 1 - 0.5 / epoch,
+        "train_acc": 100 * (1 - 0.5 / epoch),  # percent, as fit logs it
         "val_loss": 1.2 / epoch + shift,
-        "val_acc": 0.9 - 0.5 / epoch - shift,
+        "val_acc": 100 * (0.9 - 0.5 / epoch - shift),
         "lr": 0.05 * (1 - epoch / (epochs + 1)),
         "seconds": np.full(epochs, 2.0),
     }
@@ -86,7 +85,7 @@ def test_history_one_run_draws_train_and_val_per_metric(tmp_path: Path) -> None:
     assert lines["train"].get_linestyle() == "--" and lines["val"].get_linestyle() == "-"
     assert loss_ax.get_xlabel() == "epoch" and loss_ax.get_ylabel() == "loss"
     assert acc_ax.get_ylabel() == "accuracy (%)"
-    assert isinstance(acc_ax.yaxis.get_major_formatter(), PercentFormatter), "fractions shown as %"
+    assert acc_ax.get_ylim() == (0, 100)  # accuracy on its whole scale
     assert [text.get_text() for text in fig.legends[0].get_texts()] == ["train", "val"]
     render(fig, tmp_path, "history")
 
@@ -282,7 +281,7 @@ def runs_table() -> pd.DataFrame:
         {
             "method": ["student"] * 3 + ["KD"] * 3,
             "seed": [0, 1, 2] * 2,
-            "accuracy": [0.90, 0.92, 0.91, 0.93, 0.95, 0.94],
+            "accuracy": [90.0, 92.0, 91.0, 93.0, 95.0, 94.0],
         }
     )
 
@@ -290,8 +289,8 @@ def runs_table() -> pd.DataFrame:
 def test_summarize_runs_mean_and_sample_std_in_first_seen_order() -> None:
     summary = summarize_runs(runs_table())
     assert list(summary.index) == ["student", "KD"]
-    assert summary.loc["KD", "mean"] == pytest.approx(0.94)
-    assert summary.loc["KD", "std"] == pytest.approx(np.std([0.93, 0.95, 0.94], ddof=1))
+    assert summary.loc["KD", "mean"] == pytest.approx(94.0)
+    assert summary.loc["KD", "std"] == pytest.approx(np.std([93.0, 95.0, 94.0], ddof=1))
     assert list(summary["n"]) == [3, 3]
     with pytest.raises(ValueError, match="no column"):
         summarize_runs(runs_table(), value="top5")
@@ -302,19 +301,24 @@ def test_results_bar_from_summary_and_from_runs(tmp_path: Path) -> None:
     fig = results_bar(summary)
     ax = fig.axes[0]
     heights = [patch.get_height() for patch in ax.patches]
-    np.testing.assert_allclose(heights, summary["mean"] * 100)  # fractions drawn as percentages
+    np.testing.assert_allclose(heights, summary["mean"])
+    assert ax.get_ylim()[0] == 0  # bars start at zero
     assert [t.get_text() for t in ax.get_xticklabels()] == ["student", "KD"]
     assert ax.get_ylabel() == "accuracy (%)"
     assert any("94.0 ± 1.0" in text.get_text() for text in ax.texts)
     render(fig, tmp_path, "bars")
 
-    fig = results_bar(runs_table(), value="accuracy", by="method", reference={"teacher": 0.96})
+    fig = results_bar(runs_table(), value="accuracy", by="method", reference={"teacher": 96.0})
     ax = fig.axes[0]
-    np.testing.assert_allclose([p.get_height() for p in ax.patches], summary["mean"] * 100)
+    np.testing.assert_allclose([p.get_height() for p in ax.patches], summary["mean"])
     dots = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections if isinstance(c, PathCollection)])
-    assert sorted(np.round(dots, 6)) == sorted(np.round(runs_table()["accuracy"] * 100, 6))
+    assert sorted(np.round(dots, 6)) == sorted(np.round(runs_table()["accuracy"], 6))
     assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_label() == "teacher"] == [96.0]
     render(fig, tmp_path, "bars_runs")
+
+    one_run = runs_table().query("seed == 0")
+    fig = results_bar(one_run, value="accuracy", by="method")
+    assert not any(text.get_text().count("±") for text in fig.axes[0].texts)  # no spread from one run
 
 
 def test_results_point_kind_and_errors(tmp_path: Path) -> None:

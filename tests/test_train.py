@@ -315,7 +315,9 @@ class TwoExits(nn.Module):
 class BothExitsCE(Distiller):
     def forward(self, images: Tensor, labels: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
         exits = self.student(images)
-        return exits, {f"ce_{name}": F.cross_entropy(out, labels) for name, out in zip(self.student.exit_names, exits)}
+        return exits, {
+            f"ce_{name}": F.cross_entropy(out, labels) for name, out in zip(self.student.exit_names, exits)
+        }
 
 
 def test_a_student_with_several_exits_is_trained_and_measured_per_exit() -> None:
@@ -327,7 +329,10 @@ def test_a_student_with_several_exits_is_trained_and_measured_per_exit() -> None
         assert column in history.columns
     assert history["val_acc"].tolist() == history["val_acc_final"].tolist()  # the last exit is the model's
     scores = evaluate(network, test)
-    assert set(scores["per_output"]) == {"early", "final"} and scores["accuracy"] == scores["per_output"]["final"]
+    assert (
+        set(scores["per_output"]) == {"early", "final"}
+        and scores["accuracy"] == scores["per_output"]["final"]
+    )
     logits, labels = predict(network, test)
     assert isinstance(logits, list) and [t.shape for t in logits] == [(64, 2), (64, 2)]
     manual = 100 * (logits[0].argmax(1) == labels).float().mean().item()
@@ -359,7 +364,13 @@ def test_phases_run_in_order_with_their_own_learning_rate() -> None:
     assert history["lr"].tolist() == pytest.approx([0.01, 0.01, 0.1, 0.1, 0.1])
     assert method.seen_phases[0] == "warm" and method.seen_phases[-1] == "main"
     with pytest.raises(ValueError, match="fresh optimiser"):
-        fit(method, train, epochs=1, optimizer=torch.optim.SGD(method.student.parameters(), lr=0.1), progress=False)
+        fit(
+            method,
+            train,
+            epochs=1,
+            optimizer=torch.optim.SGD(method.student.parameters(), lr=0.1),
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------------------------ faults and bad input
@@ -434,7 +445,10 @@ def test_a_partly_trainable_teacher_trains_only_its_named_parts() -> None:
         def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             teacher_logits = self.teacher_outputs(images, labels).logits
             logits = self.student(images)
-            return logits, {"ce": F.cross_entropy(logits, labels), "ce_teacher": F.cross_entropy(teacher_logits, labels)}
+            return logits, {
+                "ce": F.cross_entropy(logits, labels),
+                "ce_teacher": F.cross_entropy(teacher_logits, labels),
+            }
 
     joint = JointTeacher(small_resnet(seed=1), [small_resnet(seed=2)], trainable_teacher_parts=["classifier"])
     stem_before = joint.teacher.stem[0].weight.clone()
@@ -469,9 +483,8 @@ def test_no_public_trainer_or_evaluator_defaults_to_a_hard_coded_device() -> Non
                     parameter = inspect.signature(function).parameters.get("device")
                 except (TypeError, ValueError):
                     continue
-                if parameter is not None and parameter.default is not inspect.Parameter.empty:
-                    if parameter.default is not None:
-                        offenders.append(f"{module.__name__}.{name}: device={parameter.default!r}")
+                if parameter is not None and parameter.default not in (inspect.Parameter.empty, None):
+                    offenders.append(f"{module.__name__}.{name}: device={parameter.default!r}")
     assert not offenders, "device must default to None (the device rule): " + "; ".join(offenders)
 
 

@@ -1,16 +1,103 @@
-"""Lesson support: each lesson's settings per preset, its figures and tables, and the paper's reported
-numbers (labelled as the paper's). The notebooks call these for pictures; the mathematics is in
-:mod:`kdbook_utils.methods` and the runs in :mod:`kdbook_utils.experiments`."""
+"""Lesson support: each lesson's settings per preset, what it runs, its figures and tables, and the papers'
+reported numbers (labelled as the papers'). The notebooks call these; the mathematics is in
+:mod:`kdbook_utils.methods` and the jobs in :mod:`kdbook_utils.experiments`.
+
+Recorded results travel with the package (``kdbook_utils/results/``), so a notebook opened on Colab or
+Binder shows them too: the ``lab`` runs of every lesson (:func:`recorded_runs`) and the measured running
+time of every notebook (:func:`notebook_times`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from kdbook_utils.experiments import recipe_hash
+import pandas as pd
+from IPython.display import Markdown
+
+from kdbook_utils.experiments import StudentRun, recipe_hash, run_seeds
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+"""Where recorded results live: ``lab/<lesson>.csv`` (+ ``.json`` provenance) and ``timings.csv``."""
 
 
 def settings_hash(settings: Any) -> str:
     """A short hash of a lesson's settings (a dataclass): recorded results carry it, so results made with
     other settings than the lesson would run now are recognised."""
     return recipe_hash(dataclasses.asdict(settings))
+
+
+def _times_rows(table: pd.DataFrame) -> list[str]:
+    lines = []
+    for row in table.itertuples(index=False):
+        took = f"{row.seconds:.0f} s" if row.seconds < 120 else f"{row.seconds / 60:.1f} min"
+        teachers = "already cached" if str(row.cached).lower() == "true" else "trained in this run"
+        lines.append(f"| `{row.preset}` | {teachers} | {row.machine} | {row.date} | {took} |")
+    return lines
+
+
+def timings_markdown() -> str:
+    """Every recorded notebook time as one Markdown table (the instructor guide includes it)."""
+    path = RESULTS / "timings.csv"
+    if not path.is_file():
+        return "*No running times recorded yet.*\n"
+    table = pd.read_csv(path)
+    lines = ["| notebook | preset | teachers | machine | measured | time |", "|---|---|---|---|---|---|"]
+    for notebook, rows in table.groupby("notebook", sort=True):
+        lines += [f"| `{notebook}` " + line for line in _times_rows(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_timings_markdown(path: str | Path) -> Path:
+    """Write :func:`timings_markdown` to ``path`` (the book's build does this before building)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(timings_markdown())
+    return target
+
+
+def notebook_times(notebook: str) -> Markdown:
+    """This notebook's measured running times, from ``results/timings.csv``, as a small Markdown table.
+
+    The file records each run of the notebooks we timed: the preset, whether the teachers were already
+    cached, the machine, the date and the seconds. The table is rendered from it, never typed.
+    """
+    path = RESULTS / "timings.csv"
+    if not path.is_file():
+        return Markdown("*No running times recorded yet for this notebook.*")
+    table = pd.read_csv(path)
+    mine = table[table["notebook"] == notebook]
+    if mine.empty:
+        return Markdown("*No running times recorded yet for this notebook.*")
+    lines = ["| preset | teachers | machine | measured | time |", "|---|---|---|---|---|"]
+    return Markdown("\n".join(lines + _times_rows(mine)))
+
+
+class LessonRunner:
+    """What every lesson's runner shares: one entry point per student run, and tables of runs over seeds.
+
+    A *job* is a dict of plain values that says which student to train (e.g. ``{"kd": True,
+    "temperature": 4.0, "alpha": 0.1}``); :meth:`job` trains it with a seed (each runner keeps the runs it
+    made, so a job met twice is trained once), and :meth:`table` runs several jobs over seeds into one tidy
+    table. Because jobs are plain values, a scheduler can also send them to other processes or machines.
+    """
+
+    lesson: str = ""
+    progress: bool = True
+    executor: (
+        Callable[[LessonRunner, Mapping[str, Mapping[str, Any]], Sequence[int]], pd.DataFrame] | None
+    ) = None
+    """Who runs :meth:`table`'s grid: None, this process, one run after the other; or e.g.
+    :class:`kdbook_utils.lessons.sweep.RayExecutor`, each (job, seed) a Ray task. Same table either way."""
+
+    def job(self, spec: Mapping[str, Any], seed: int) -> StudentRun:
+        raise NotImplementedError
+
+    def table(self, jobs: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> pd.DataFrame:
+        """Every job over ``seeds``: one row per (job label, seed, split, output), as ``run_seeds`` makes it."""
+        if self.executor is not None:
+            return self.executor(self, jobs, seeds)
+        methods = {label: (lambda seed, spec=spec: self.job(spec, seed)) for label, spec in jobs.items()}
+        return run_seeds(methods, seeds, progress=self.progress, lesson=self.lesson)

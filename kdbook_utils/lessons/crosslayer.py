@@ -3,8 +3,9 @@ and the abstract's numbers (the only numbers the paper makes public)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import matplotlib.pyplot as plt
@@ -14,9 +15,22 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Arc
 from torch import Tensor, nn
 
+from kdbook_utils.data import DataSplits, ImageDataset, TensorLoader
+from kdbook_utils.experiments import (
+    StudentRun,
+    TeacherOutputCache,
+    cached_adapted_teacher,
+    cached_teacher,
+    run_seeds,
+    train_student,
+)
 from kdbook_utils.features import FeatureExtractor, eval_mode
-from kdbook_utils.methods.crosslayer import Pair, cross_layer_pairs, fsp_matrices
+from kdbook_utils.lessons import LessonRunner
+from kdbook_utils.methods.crosslayer import CrossLayerDistiller, Pair, cross_layer_pairs, fsp_matrices
+from kdbook_utils.models import create_model
 from kdbook_utils.plots import DPI, heatmap_grid
+from kdbook_utils.presets import Preset
+from kdbook_utils.train import DeviceLike, evaluate, freeze, resolve_device
 
 # --------------------------------------------------------------------------------------------------------
 # Settings
@@ -47,8 +61,8 @@ class CrossLayerLesson:
 SETTINGS: dict[str, CrossLayerLesson] = {
     "quick": CrossLayerLesson(
         image_size=8, teacher="resnet32w", student="resnet8w", width=0.25, teachers=3, teacher_epochs=8,
-        student_images=None, gram_epochs=3, task_epochs=6, lr=0.05, gram_lr=0.01, batch_size=64, augment=False,
-        seeds=(0, 1, 2), chain={"base_width": 8, "teacher_epochs": 6, "adapter_epochs": 3},
+        student_images=300, gram_epochs=3, task_epochs=6, lr=0.05, gram_lr=0.01, batch_size=64, augment=False,
+        seeds=(0, 1, 2, 3, 4), chain={"base_width": 8, "teacher_epochs": 6, "adapter_epochs": 3},
     ),
     "lab": CrossLayerLesson(
         image_size=32, teacher="resnet32w", student="resnet8w", width=0.5, teachers=3, teacher_epochs=15,
@@ -59,6 +73,11 @@ SETTINGS: dict[str, CrossLayerLesson] = {
         image_size=32, teacher="resnet32w", student="resnet8w", width=1.0, teachers=3, teacher_epochs=240,
         student_images=None, gram_epochs=40, task_epochs=100, lr=0.1, gram_lr=0.01, batch_size=128, augment=True,
         seeds=(0, 1, 2), chain={"base_width": 64, "teacher_epochs": 240, "adapter_epochs": 10},
+    ),
+    "smoke": CrossLayerLesson(
+        image_size=8, teacher="resnet32w", student="resnet8w", width=0.125, teachers=2, teacher_epochs=1,
+        student_images=60, gram_epochs=1, task_epochs=1, lr=0.05, gram_lr=0.01, batch_size=32, augment=False,
+        seeds=(0, 1), chain={"base_width": 4, "teacher_epochs": 1, "adapter_epochs": 1},
     ),
 }  # fmt: skip
 
@@ -157,7 +176,9 @@ def plot_pairs(points: Sequence[str], k: int, mode: str = "cumulative") -> Figur
     colours = plt.get_cmap("viridis")(torch.linspace(0.1, 0.8, len(points) - 1).tolist())
     for first, second in pairs:
         i, j = points.index(first), points.index(second)
-        ax.add_patch(Arc(((i + j) / 2, 0), j - i, 0.9 * (j - i), theta1=0, theta2=180, lw=2, color=colours[j - i - 1]))
+        ax.add_patch(
+            Arc(((i + j) / 2, 0), j - i, 0.9 * (j - i), theta1=0, theta2=180, lw=2, color=colours[j - i - 1])
+        )
     ax.scatter(range(len(points)), [0] * len(points), s=120, color="black", zorder=3)
     for index, name in enumerate(points):
         ax.annotate(name, (index, 0), xytext=(0, -16), textcoords="offset points", ha="center", va="top")
@@ -189,7 +210,10 @@ def _teacher_scales(teacher_grams: Mapping[Pair, Tensor]) -> dict[Pair, float]:
 
 
 def plot_gram_comparison(
-    teacher_grams: Mapping[Pair, Tensor], student_grams: Mapping[Pair, Tensor], title: str = "", pairs: Sequence[Pair] | None = None
+    teacher_grams: Mapping[Pair, Tensor],
+    student_grams: Mapping[Pair, Tensor],
+    title: str = "",
+    pairs: Sequence[Pair] | None = None,
 ) -> Figure:
     """Teacher (top row), student (middle) and teacher - student (bottom) for each of ``pairs`` (default:
     the first three), one column per pair. Each pair is divided by its teacher matrix's largest absolute
@@ -210,7 +234,10 @@ def gram_gap(teacher_grams: Mapping[Pair, Tensor], snapshot_grams: Mapping[Pair,
     """The relative distance between teacher and student Gram matrices, summed over pairs:
     ``sqrt(sum_pairs ||(G_T - G_S) / max|G_T|||_F^2)``."""
     scale = _teacher_scales(teacher_grams)
-    return sum(float(((teacher_grams[p] - snapshot_grams[p]) / scale[p]).pow(2).sum()) for p in teacher_grams) ** 0.5
+    return (
+        sum(float(((teacher_grams[p] - snapshot_grams[p]) / scale[p]).pow(2).sum()) for p in teacher_grams)
+        ** 0.5
+    )
 
 
 def plot_gap_curve(teacher_grams: Mapping[Pair, Tensor], snapshots: Sequence[Mapping]) -> Figure:
@@ -225,10 +252,177 @@ def plot_gap_curve(teacher_grams: Mapping[Pair, Tensor], snapshots: Sequence[Map
     switch = next((i for i, phase in enumerate(phases) if phase == "task"), None)
     if switch is not None and switch > 0:
         ax.axvline(switch, color="grey", linestyle="--")
-        ax.annotate("phase A: Gram loss only", (switch / 2, max(gaps)), ha="center", va="top", fontsize="small")
-        ax.annotate("phase B: CE + KL", ((switch + len(xs) - 1) / 2, max(gaps)), ha="center", va="top", fontsize="small")
+        ax.annotate(
+            "phase A: Gram loss only", (switch / 2, max(gaps)), ha="center", va="top", fontsize="small"
+        )
+        ax.annotate(
+            "phase B: CE + KL",
+            ((switch + len(xs) - 1) / 2, max(gaps)),
+            ha="center",
+            va="top",
+            fontsize="small",
+        )
     ax.set_ylim(0, max(gaps) * 1.15)
     ax.set_xlabel("epochs trained")
     ax.set_ylabel("Gram gap to the teachers\n(relative, summed over pairs)")
-    ax.set_title("The student's Gram matrices approach the teachers' in phase A", fontsize="medium")
+    ax.set_title("The student's Gram gap to the teachers, epoch by epoch", fontsize="medium")
     return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the lesson runs
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrossLayerRunner(LessonRunner):
+    """What lesson 3 runs, written once for the notebook, the results recorder and the command line.
+
+    ``runs`` keeps every student trained so far under ``(setting label, seed)``: a setting that appears in
+    several tables is trained once per seed.
+    """
+
+    preset: Preset
+    settings: CrossLayerLesson
+    splits: DataSplits  # at the lesson's image size; train cut to the students' images
+    full_train: ImageDataset  # the teachers' training split, at the lesson's image size
+    teachers: list[nn.Module]
+    device: DeviceLike = None
+    progress: bool = True
+    cache: TeacherOutputCache = field(default_factory=TeacherOutputCache)
+    runs: dict = field(default_factory=dict)
+    lesson: str = "crosslayer"
+
+    @classmethod
+    def prepare(
+        cls,
+        preset: Preset,
+        splits: DataSplits,
+        *,
+        device: DeviceLike = None,
+        progress: bool = True,
+        settings: CrossLayerLesson | None = None,
+    ) -> CrossLayerRunner:
+        """Train (once) the ensemble's teachers, one seed each, on the whole training split."""
+        settings = settings or SETTINGS[preset.name]
+        device = resolve_device(device)
+        sized = DataSplits(*(data.resized(settings.image_size) for data in splits))
+        teachers = [
+            cached_teacher(settings.teacher, sized, epochs=settings.teacher_epochs, lr=settings.lr,
+                           batch_size=settings.batch_size, seed=seed, model_options={"width": settings.width},
+                           device=device, progress=progress).model
+            for seed in range(settings.teachers)
+        ]  # fmt: skip
+        train = sized.train
+        if settings.student_images is not None and settings.student_images < len(train):
+            train = train.subset(settings.student_images, seed=0)
+        return cls(
+            preset,
+            settings,
+            DataSplits(train, sized.val, sized.test),
+            sized.train,
+            teachers,
+            device,
+            progress,
+        )
+
+    def build(self) -> nn.Module:
+        data = self.splits.train
+        return create_model(self.settings.student, data.num_classes, in_channels=data.image_shape[0],
+                            width=self.settings.width)  # fmt: skip
+
+    def student_run(self, setting: Ablation, seed: int) -> StudentRun:
+        """One student under ``setting`` (the student alone gets the same number of epochs, phase A + B)."""
+        key = (setting.label, seed)
+        if key not in self.runs:
+            s = self.settings
+            if setting.num_teachers == 0:
+                method, epochs = None, s.gram_epochs + s.task_epochs
+            else:
+                teachers = self.teachers[: setting.num_teachers]
+                method = lambda student: CrossLayerDistiller(
+                    student,
+                    teachers,
+                    gram_epochs=s.gram_epochs,
+                    gram_lr=s.gram_lr,
+                    k=setting.k,
+                    mode=setting.mode,
+                    use_kl=setting.use_kl,
+                    kl_mode=setting.kl_mode,
+                    ensemble=setting.ensemble,
+                    seed=seed,
+                )
+                epochs = s.task_epochs
+            self.runs[key] = train_student(self.build, method, self.splits, seed=seed, epochs=epochs, lr=s.lr,
+                                           batch_size=s.batch_size, augment=s.augment, cache=self.cache,
+                                           device=self.device)  # fmt: skip
+        return self.runs[key]
+
+    def job(self, spec: Mapping[str, object], seed: int) -> StudentRun:
+        """A job is an :class:`Ablation`'s fields as a dict (``dataclasses.asdict(setting)``)."""
+        return self.student_run(Ablation(**spec), seed)  # type: ignore[arg-type]
+
+    def grid(self, settings: Sequence[Ablation]) -> pd.DataFrame:
+        """Every setting over the lesson's seeds: one tidy table."""
+        jobs = {setting.label: dataclasses.asdict(setting) for setting in dict.fromkeys(settings)}
+        return self.table(jobs, self.settings.seeds)
+
+    def headline_settings(self) -> list[Ablation]:
+        return [STUDENT_ALONE, P1_P2_P3.replace(num_teachers=self.settings.teachers)]
+
+    def record(self) -> pd.DataFrame:
+        """The ablation tables, then the headline (P1 + P2 + P3 against the student alone)."""
+        groups = ablation_grid(max_teachers=self.settings.teachers)
+        ablations = self.grid(unique_settings(groups)).assign(stage="ablation")
+        final = self.grid(self.headline_settings()).assign(stage="final")
+        return pd.concat([ablations, final], ignore_index=True)
+
+    def chain(self) -> tuple[pd.DataFrame, dict[str, float]]:
+        """Tables 19-20: ResNet-50 -> ResNet-10 through 1x1 adapters, and ResNet-50 -> ResNet-18 -> ResNet-10.
+
+        Returns the runs of the three routes over the first three seeds (the student alone, the direct
+        route, the two-step route) and the validation accuracy of the teachers along the way.
+        """
+        s, chain = self.settings, self.settings.chain
+        sized = DataSplits(self.full_train, self.splits.val, self.splits.test)
+        common = {"lr": s.lr, "batch_size": s.batch_size, "device": self.device, "progress": self.progress}
+        width = {"base_width": chain["base_width"]}
+        data = self.splits.train
+
+        def make(arch: str) -> Callable[[], nn.Module]:
+            return lambda: create_model(arch, data.num_classes, in_channels=data.image_shape[0], **width)
+
+        r50 = cached_teacher("resnet50_cifar", sized, epochs=chain["teacher_epochs"], model_options=width,
+                             **common).model  # fmt: skip
+        adapted = cached_adapted_teacher(
+            r50, make("resnet10_cifar")(), sized, epochs=chain["adapter_epochs"], **common
+        )
+        step = P1_P2.replace(k=3)
+
+        def distil(teacher: nn.Module, seed: int) -> Callable[[nn.Module], nn.Module]:
+            return lambda student: CrossLayerDistiller(student, teacher, gram_epochs=s.gram_epochs, gram_lr=s.gram_lr,
+                                                       k=step.k, use_kl=step.use_kl, seed=seed)  # fmt: skip
+
+        first = self.settings.seeds[0]
+        r18 = train_student(make("resnet18_cifar"), distil(adapted, first), self.splits, seed=first,
+                            epochs=s.task_epochs, lr=s.lr, batch_size=s.batch_size, augment=s.augment,
+                            device=self.device).model  # fmt: skip
+        freeze(r18)
+        routes = {
+            "ResNet-10 alone": (None, s.gram_epochs + s.task_epochs),
+            "ResNet-50 -> ResNet-10 (1x1 adapters)": (adapted, s.task_epochs),
+            "ResNet-50 -> ResNet-18 -> ResNet-10": (r18, s.task_epochs),
+        }
+        methods = {
+            name: (lambda seed, teacher=teacher, epochs=epochs: train_student(
+                make("resnet10_cifar"), None if teacher is None else distil(teacher, seed), self.splits, seed=seed,
+                epochs=epochs, lr=s.lr, batch_size=s.batch_size, augment=s.augment, cache=self.cache,
+                device=self.device))
+            for name, (teacher, epochs) in routes.items()
+        }  # fmt: skip
+        runs = run_seeds(methods, s.seeds[:3], progress=self.progress, lesson="crosslayer")
+        val_loader = TensorLoader(self.splits.val, 512, train=False, device=self.device)
+        teachers = {name: evaluate(model, val_loader, device=self.device)["accuracy"]
+                    for name, model in (("ResNet-50", r50), ("ResNet-50 with 1x1 adapters", adapted),
+                                        ("ResNet-18 (distilled from it)", r18))}  # fmt: skip
+        return runs, teachers

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -13,8 +13,24 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.nn import functional as F
 
-from kdbook_utils.methods.hinton import check_logits, kd_loss, logit_matching_limit, soft_cross_entropy, soft_targets
+from kdbook_utils.data import DataSplits
+from kdbook_utils.experiments import StudentRun, TeacherOutputCache, cached_teacher, train_student
+from kdbook_utils.lessons import LessonRunner
+from kdbook_utils.methods.hinton import (
+    HintonKD,
+    KDLossFunction,
+    check_logits,
+    kd_loss,
+    logit_matching_limit,
+    soft_cross_entropy,
+    soft_targets,
+)
+from kdbook_utils.models import create_model
+from kdbook_utils.models.small_cnn import SMALL_CNN_FAMILY
+from kdbook_utils.models.torchvision_zoo import PretrainedWeightsUnavailable
 from kdbook_utils.plots import DPI
+from kdbook_utils.presets import Preset
+from kdbook_utils.train import DeviceLike, resolve_device
 
 # --------------------------------------------------------------------------------------------------------
 # Settings
@@ -57,7 +73,150 @@ SETTINGS: dict[str, HintonSettings] = {
         seeds=(0, 1, 2), students=("cnn-1x8", "cnn-2x8", "cnn-2x16", "cnn-3x16"),
         pretrained_teacher="torchvision_resnet50",
     ),
+    "smoke": HintonSettings(
+        teacher="resnet8", teacher_epochs=1, student="cnn-2x8", student_images=100, epochs=1, batch_size=32,
+        lr=0.05, temperatures=(4.0,), alphas=(0.1, 0.5), sweep_seeds=(0,), seeds=(0, 1),
+        students=("cnn-1x8", "cnn-2x8"),
+    ),
 }  # fmt: skip
+
+
+ALONE = "student alone"
+
+
+def kd_name(temperature: float, alpha: float) -> str:
+    """The name of a KD run in the lesson's tables, e.g. ``"KD (T=4, alpha=0.1)"``."""
+    return f"KD (T={temperature:g}, alpha={alpha:g})"
+
+
+@dataclass
+class HintonLesson(LessonRunner):
+    """What lesson 1 runs, written once for the notebook, the results recorder and the command line.
+
+    ``runs`` keeps every student trained so far under ``(name, seed)``, so a configuration that appears in
+    several steps (the sweep's best setting in the final comparison, say) is trained once.
+    """
+
+    preset: Preset
+    settings: HintonSettings
+    splits: DataSplits  # the students' training images (a subset), the validation and test splits
+    teacher: torch.nn.Module
+    device: DeviceLike = None
+    progress: bool = True
+    cache: TeacherOutputCache = field(default_factory=TeacherOutputCache)
+    runs: dict = field(default_factory=dict)
+    lesson: str = "hinton"
+
+    @classmethod
+    def prepare(
+        cls,
+        preset: Preset,
+        splits: DataSplits,
+        *,
+        device: DeviceLike = None,
+        progress: bool = True,
+        settings: HintonSettings | None = None,
+    ) -> HintonLesson:
+        """Load (or train once) the lesson's teacher on the whole training split; cut the students' subset."""
+        settings = settings or SETTINGS[preset.name]
+        device = resolve_device(device)
+        common = {"lr": preset.lr, "batch_size": preset.batch_size, "device": device, "progress": progress}
+        teacher = None
+        if settings.pretrained_teacher:  # the paper preset: an ImageNet-pretrained teacher, fine-tuned
+            try:
+                teacher = cached_teacher(settings.pretrained_teacher, splits, epochs=settings.teacher_epochs,
+                                         pretrained=True, download=True, **common).model  # fmt: skip
+            except PretrainedWeightsUnavailable as error:
+                print(f"The ImageNet-pretrained teacher is not available here ({error}); training "
+                      f"{settings.teacher} from scratch instead.")  # fmt: skip
+        if teacher is None:
+            teacher = cached_teacher(settings.teacher, splits, epochs=settings.teacher_epochs, **common).model
+        train = splits.train
+        if settings.student_images is not None and settings.student_images < len(train):
+            train = train.subset(settings.student_images, seed=0)
+        return cls(preset, settings, DataSplits(train, splits.val, splits.test), teacher, device, progress)
+
+    def build(self, student: str | None = None) -> Callable[[], torch.nn.Module]:
+        """A function making a fresh student of the small-CNN family (default: the lesson's student)."""
+        options = SMALL_CNN_FAMILY[student or self.settings.student]
+        data = self.splits.train
+        return lambda: create_model("small_cnn", data.num_classes, in_channels=data.image_shape[0], **options)
+
+    def student_run(
+        self,
+        seed: int,
+        *,
+        kd: bool,
+        temperature: float = 4.0,
+        alpha: float = 0.1,
+        student: str | None = None,
+        loss: KDLossFunction | None = None,
+    ) -> StudentRun:
+        """One student (alone, or with KD at ``temperature`` and ``alpha``), trained with ``seed``."""
+        student = student or self.settings.student
+        name = (kd_name(temperature, alpha) if kd else ALONE, student, loss is not None)
+        if (name, seed) not in self.runs:
+            method = (
+                (lambda s: HintonKD(s, self.teacher, temperature=temperature, alpha=alpha, loss=loss))
+                if kd
+                else None
+            )
+            self.runs[(name, seed)] = train_student(
+                self.build(student), method, self.splits, seed=seed, epochs=self.settings.epochs,
+                lr=self.settings.lr, batch_size=self.settings.batch_size, cache=self.cache, device=self.device,
+            )  # fmt: skip
+        return self.runs[(name, seed)]
+
+    def job(self, spec: Mapping[str, object], seed: int) -> StudentRun:
+        """A job is ``{"kd": bool, "temperature": T, "alpha": a, "student": name}`` (all but ``kd`` optional)."""
+        return self.student_run(seed, **spec)  # type: ignore[arg-type]
+
+    def sweep(self) -> pd.DataFrame:
+        """Every (T, alpha) of the settings, and the student alone, over the sweep seeds (one tidy table)."""
+        jobs: dict[str, dict] = {ALONE: {"kd": False}}
+        for temperature in self.settings.temperatures:
+            for alpha in self.settings.alphas:
+                jobs[kd_name(temperature, alpha)] = {"kd": True, "temperature": temperature, "alpha": alpha}
+        runs = self.table(jobs, self.settings.sweep_seeds)
+        runs["T"] = runs["method"].map(lambda m: jobs[m].get("temperature"))
+        runs["alpha"] = runs["method"].map(lambda m: jobs[m].get("alpha"))
+        return runs
+
+    @staticmethod
+    def choose(sweep: pd.DataFrame) -> tuple[float, float]:
+        """The (T, alpha) with the best mean *validation* accuracy (failed runs left out)."""
+        kd = sweep[(sweep["split"] == "val") & sweep["T"].notna() & (sweep["failed"] == "")]
+        if kd.empty:
+            raise RuntimeError("Every KD run of the sweep failed; there is no setting to choose.")
+        best = kd.groupby(["T", "alpha"])["accuracy"].mean().idxmax()
+        return float(best[0]), float(best[1])
+
+    def headline(self, temperature: float, alpha: float) -> pd.DataFrame:
+        """The final comparison: the student alone and with KD at the chosen setting, over the seeds."""
+        jobs = {
+            ALONE: {"kd": False},
+            kd_name(temperature, alpha): {"kd": True, "temperature": temperature, "alpha": alpha},
+        }
+        return self.table(jobs, self.settings.seeds)
+
+    def sizes(self, temperature: float, alpha: float) -> pd.DataFrame:
+        """Every student size, alone and with KD, on the first sweep seed (validation accuracy)."""
+        seed = self.settings.sweep_seeds[0]
+        rows = []
+        for student in self.settings.students:
+            parameters = sum(p.numel() for p in self.build(student)().parameters())
+            for kd in (False, True):
+                run = self.student_run(seed, kd=kd, temperature=temperature, alpha=alpha, student=student)
+                rows.append({"student": student, "parameters": parameters, "kd": kd,
+                             "accuracy": float(run.accuracy["val"]["final"]), "failed": run.failed})  # fmt: skip
+        return pd.DataFrame(rows)
+
+    def record(self) -> pd.DataFrame:
+        """The whole experiment for the results file: the sweep, then the final comparison."""
+        sweep = self.sweep()
+        temperature, alpha = self.choose(sweep)
+        return pd.concat([sweep.assign(stage="sweep"), self.headline(temperature, alpha).assign(stage="final")],
+                         ignore_index=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -94,7 +253,9 @@ def kd_loss_conventions(student_logits: Tensor, teacher_logits: Tensor, temperat
         ("soft cross-entropy x T^2", "-T^2/B sum_b sum_c p log q", "Hinton et al. (as written)",
          soft_ce * squared, "+ T^2 H(p): a constant, the gradient is the same"),
     ]  # fmt: skip
-    return pd.DataFrame(rows, columns=["convention", "formula", "found in", "value", "relative to the reference"])
+    return pd.DataFrame(
+        rows, columns=["convention", "formula", "found in", "value", "relative to the reference"]
+    )
 
 
 WHICH_LOSS_EXAMPLE: dict[str, object] = {
@@ -107,7 +268,9 @@ WHICH_LOSS_EXAMPLE: dict[str, object] = {
 """One image's logits (10 classes) to compare the four conventions of :func:`kd_loss_conventions` on."""
 
 
-def high_temperature_table(student_logits: Tensor, teacher_logits: Tensor, temperatures: Iterable[float]) -> pd.DataFrame:
+def high_temperature_table(
+    student_logits: Tensor, teacher_logits: Tensor, temperatures: Iterable[float]
+) -> pd.DataFrame:
     """Per temperature: the teacher's largest soft-target probability, the KL divergence alone,
     ``kd_loss`` (KL x T^2) and its high-temperature limit (``logit_matching_limit``)."""
     # float64: at T = 10^4 the KL divergence is ~1e-7, below float32's resolution of the log-ratios.
@@ -124,7 +287,9 @@ def high_temperature_table(student_logits: Tensor, teacher_logits: Tensor, tempe
     return pd.DataFrame(rows)
 
 
-def kd_gradient_norms(student_logits: Tensor, teacher_logits: Tensor, temperatures: Iterable[float]) -> pd.DataFrame:
+def kd_gradient_norms(
+    student_logits: Tensor, teacher_logits: Tensor, temperatures: Iterable[float]
+) -> pd.DataFrame:
     """Per temperature, the norm of the soft term's gradient on the student's logits: d KL / dz (falls like
     ``1 / T^2``) and d (T^2 KL) / dz (levels off, so the soft term keeps its weight whatever ``T`` is)."""
     rows = []
@@ -132,7 +297,9 @@ def kd_gradient_norms(student_logits: Tensor, teacher_logits: Tensor, temperatur
         logits = student_logits.detach().clone().requires_grad_(True)
         (gradient,) = torch.autograd.grad(kd_loss(logits, teacher_logits.detach(), temperature), logits)
         norm = gradient.norm().item()
-        rows.append({"T": float(temperature), "grad norm, KL": norm / temperature**2, "grad norm, KL x T^2": norm})
+        rows.append(
+            {"T": float(temperature), "grad norm, KL": norm / temperature**2, "grad norm, KL x T^2": norm}
+        )
     return pd.DataFrame(rows)
 
 
@@ -168,7 +335,9 @@ def plot_soft_targets(
     """
     count = teacher_logits.shape[0]
     if images.shape[0] != count or labels.shape[0] != count:
-        raise ValueError(f"Got {count} rows of logits, {images.shape[0]} images and {labels.shape[0]} labels.")
+        raise ValueError(
+            f"Got {count} rows of logits, {images.shape[0]} images and {labels.shape[0]} labels."
+        )
     if teacher_logits.shape[1] != len(classes):
         raise ValueError(f"Got {len(classes)} class names for {teacher_logits.shape[1]} classes.")
     fig, axes = plt.subplots(count, 2, figsize=(9.0, 2.1 * count + 0.6), gridspec_kw={"width_ratios": [1, 6]},
@@ -188,6 +357,8 @@ def plot_soft_targets(
                      color=colours[index], label=f"T = {temperature:g}")  # fmt: skip
         bars.set_xticks(positions, [str(name) for name in classes], fontsize="small")
         bars.set_ylabel("probability")
+        if row == count - 1:
+            bars.set_xlabel("class")
         if log_scale:
             bars.set_yscale("log")
             bars.set_ylim(1e-6, 1.0)
@@ -258,14 +429,15 @@ def plot_student_sizes(summary: pd.DataFrame, teacher_accuracy: float, teacher_n
         if len(bad):
             ax.scatter(bad["parameters"], bad["accuracy"], marker="x", s=70, color="crimson", zorder=3,
                        label="failed run (not interpreted)" if kd else None)  # fmt: skip
-        for _, row in rows.iterrows():
-            ax.annotate(row["student"], (row["parameters"], row["accuracy"]), fontsize="x-small",
-                        textcoords="offset points", xytext=(4, -10 if kd else 4))  # fmt: skip
+    for student, rows in summary.groupby("student", sort=False):
+        top = rows["accuracy"].max()
+        ax.annotate(student, (rows["parameters"].iloc[0], top), fontsize="x-small", textcoords="offset points",
+                    xytext=(-10, 8))  # fmt: skip
     ax.axhline(teacher_accuracy, color="grey", linestyle="--", label=f"teacher ({teacher_name})")
     ax.set_xscale("log")
     ax.set_ylim(0, 100)
     ax.set_xlabel("student parameters (log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)")
     ax.legend(loc="lower right", fontsize="small")
     ax.set_title("Accuracy against student size, one seed", fontsize="medium")
     return fig

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 from torch import nn
 
+from kdbook_utils.data import DataSplits, ImageDataset
+from kdbook_utils.experiments import StudentRun, TeacherOutputCache, cached_teacher, train_student
 from kdbook_utils.features import layer_table
-from kdbook_utils.methods.lsl import LayerGrams
-from kdbook_utils.plots import DPI
+from kdbook_utils.lessons import LessonRunner
+from kdbook_utils.methods.crosslayer import CrossLayerDistiller
+from kdbook_utils.methods.hinton import HintonKD
+from kdbook_utils.methods.lsl import PAPER_BINDINGS, ASLDistiller, Binding, LayerGrams
+from kdbook_utils.models import create_model
+from kdbook_utils.plots import DPI, heatmap_grid
+from kdbook_utils.presets import Preset
+from kdbook_utils.train import DeviceLike, resolve_device
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,9 @@ SETTINGS: dict[str, LSLLesson] = {
     "paper": LSLLesson(teacher="alexnet_lsl_teacher", student="alexnet_lsl_student", teacher_epochs=100,
                        student_images=None, epochs=100, batch_size=32, lr=0.02, projection_dim=2048,
                        reduction="sum", alphas=(1.0,), seeds=(0, 1, 2)),
+    "smoke": LSLLesson(teacher="alexnet_lsl_teacher_eighth", student="alexnet_lsl_student_eighth",
+                       teacher_epochs=1, student_images=60, epochs=1, batch_size=16, lr=0.01,
+                       projection_dim=32, reduction="mean", alphas=(0.3,), seeds=(0, 1)),
 }  # fmt: skip
 
 
@@ -73,7 +84,13 @@ PAPER_BINDINGS_TABLES = pd.DataFrame(
         ("5", "conv4->conv3 + conv5->fc1", "38.5 / 36.2", "46.5 / 43.1", "79.5 / 80.5"),
         ("5", "conv5->conv3 + fc1->fc1", "40.0 / 37.0", "48.8 / 45.4", "80.6 / 81.9"),
         ("6", "conv5->conv3 + fc1->fc1 + fc2->fc2", "39.8 / 37.6", "47.1 / 46.0", "82.4 / 82.2"),
-        ("8", "conv4->conv2 + conv5->conv3 + fc1->fc1", "not given / 41.0", "not given / 48.0", "not given / 87.2"),
+        (
+            "8",
+            "conv4->conv2 + conv5->conv3 + fc1->fc1",
+            "not given / 41.0",
+            "not given / 48.0",
+            "not given / 87.2",
+        ),
     ],
     columns=["paper's table", "bindings", "PPMI: teacher / student (%)", "Willow", "UIUC-Sports"],
 ).set_index("bindings")
@@ -109,19 +126,29 @@ def architecture_table(model: nn.Module, role: str, input_shape: Sequence[int]) 
 
 
 def plot_binding_grams(
-    teacher: LayerGrams, student: LayerGrams, class_names: Sequence[str] | None = None, panel_size: float = 3.2
+    teacher: LayerGrams,
+    student: LayerGrams,
+    class_names: Sequence[str] | None = None,
+    panel_size: float = 3.2,
 ) -> Figure:
     """The LSP matrices of one binding: inter-class Grams (top, class names on the axes) and inter-layer
     Grams (bottom) of the teacher layer (left) and the student layer (right), on one [0, 1] colour scale."""
-    fig, axes = plt.subplots(2, 2, figsize=(2 * panel_size + 1.6, 2 * panel_size + 1.0), layout="constrained", dpi=DPI)
+    fig, axes = plt.subplots(
+        2, 2, figsize=(2 * panel_size + 1.6, 2 * panel_size + 1.0), layout="constrained", dpi=DPI
+    )
     image = None
     for column, (role, grams) in enumerate((("teacher", teacher), ("student", student))):
         top, bottom = axes[0, column], axes[1, column]
-        image = top.imshow(grams.inter_class.cpu().numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        top.set_title(f"{role} {grams.layer}: inter-class H\nH_class = {grams.h_class:.3f}", fontsize="medium")
+        image = top.imshow(
+            grams.inter_class.cpu().numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
+        )
+        top.set_title(
+            f"{role} {grams.layer}: inter-class H\nH_class = {grams.h_class:.3f}", fontsize="medium"
+        )
         if class_names is not None:
             ticks = range(len(class_names))
-            top.set_xticks(ticks, [str(name) for name in class_names], rotation=90)
+            long_names = max(len(str(name)) for name in class_names) > 3
+            top.set_xticks(ticks, [str(name) for name in class_names], rotation=90 if long_names else 0)
             top.set_yticks(ticks, [str(name) for name in class_names])
         top.set_xlabel("class")
         top.set_ylabel("class")
@@ -132,5 +159,192 @@ def plot_binding_grams(
         bottom.set_ylabel(f"channel of {grams.previous}")
         bottom.set_xlabel(f"channel of {grams.layer}")
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
-    fig.suptitle(f"LSP = {teacher.lsp:.3f} (teacher {teacher.layer}), {student.lsp:.3f} (student {student.layer})")
+    fig.suptitle(
+        f"LSP = {teacher.lsp:.3f} (teacher {teacher.layer}), {student.lsp:.3f} (student {student.layer})"
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the lesson runs
+# --------------------------------------------------------------------------------------------------------
+
+ALONE = "student alone"
+HINTON = "Hinton KD"
+FSP = "FSP"
+LSL = "LSL"
+
+TABLE4 = [(("conv2", "conv3"),), (("conv3", "conv3"),), (("conv4", "conv3"),), (("conv5", "conv3"),)]
+TABLE5 = [(("conv4", "conv3"), ("conv5", "fc1")), (("conv5", "conv3"), ("fc1", "fc1"))]
+TABLE6 = [(("conv5", "conv3"), ("fc1", "fc1"), ("fc2", "fc2")), PAPER_BINDINGS]
+"""Bindings after the paper's Tables 4-6 and 8 (teacher layer, student layer)."""
+
+
+def binding_label(bindings: Sequence[Binding]) -> str:
+    return " + ".join(f"{t}->{s}" for t, s in bindings)
+
+
+@dataclass
+class LSLRunner(LessonRunner):
+    """What lesson 2 runs, written once for the notebook, the results recorder and the command line."""
+
+    preset: Preset
+    settings: LSLLesson
+    splits: DataSplits  # train cut to the students' images
+    full_train: ImageDataset  # the teacher's training split (LSP scores run over it)
+    teacher: nn.Module
+    device: DeviceLike = None
+    progress: bool = True
+    cache: TeacherOutputCache = field(default_factory=TeacherOutputCache)
+    runs: dict = field(default_factory=dict)
+    lesson: str = "lsl"
+
+    @classmethod
+    def prepare(
+        cls,
+        preset: Preset,
+        splits: DataSplits,
+        *,
+        device: DeviceLike = None,
+        progress: bool = True,
+        settings: LSLLesson | None = None,
+    ) -> LSLRunner:
+        settings = settings or SETTINGS[preset.name]
+        device = resolve_device(device)
+        teacher = cached_teacher(settings.teacher, splits, epochs=settings.teacher_epochs, lr=preset.lr,
+                                 batch_size=preset.batch_size, device=device, progress=progress).model  # fmt: skip
+        train = splits.train
+        if settings.student_images is not None and settings.student_images < len(train):
+            train = train.subset(settings.student_images, seed=0)
+        return cls(preset, settings, DataSplits(train, splits.val, splits.test), splits.train, teacher, device,
+                   progress)  # fmt: skip
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.splits.train.image_shape
+
+    def build(self) -> nn.Module:
+        return create_model(
+            self.settings.student, self.splits.train.num_classes, in_channels=self.input_shape[0]
+        )
+
+    def method(self, name: str, bindings: Sequence[Binding] = PAPER_BINDINGS, alpha: float | None = None):
+        s = self.settings
+        if name == ALONE:
+            return None
+        if name == HINTON:
+            return lambda student: HintonKD(student, self.teacher)
+        if name == FSP:  # FSP's two stages: a Gram phase (a quarter of the epochs), then the task
+            return lambda student: CrossLayerDistiller(
+                student, self.teacher, gram_epochs=max(1, s.epochs // 4), k=1, use_kl=False,
+                student_points=["conv2", "conv3"], teacher_points=["conv4", "conv5"])  # fmt: skip
+        if name == LSL:
+            weight = s.alphas[0] if alpha is None else alpha
+            return lambda student: ASLDistiller(student, self.teacher, bindings, input_shape=self.input_shape,
+                                                projection_dim=s.projection_dim, reduction=s.reduction,
+                                                alpha=weight)  # fmt: skip
+        raise ValueError(f"Unknown method {name!r}; choose one of {ALONE!r}, {HINTON!r}, {FSP!r}, {LSL!r}.")
+
+    def student_run(self, name: str, seed: int, bindings: Sequence[Binding] = PAPER_BINDINGS,
+                    alpha: float | None = None) -> StudentRun:  # fmt: skip
+        s = self.settings
+        weight = s.alphas[0] if alpha is None else alpha
+        key = (name, tuple(bindings) if name == LSL else (), weight if name == LSL else None, seed)
+        if key not in self.runs:
+            # FSP: as many epochs in all (a Gram phase, then at least one task epoch)
+            epochs = max(1, s.epochs - max(1, s.epochs // 4)) if name == FSP else s.epochs
+            self.runs[key] = train_student(self.build, self.method(name, bindings, weight), self.splits, seed=seed,
+                                           epochs=epochs, lr=s.lr, batch_size=s.batch_size, cache=self.cache,
+                                           device=self.device)  # fmt: skip
+        return self.runs[key]
+
+    def job(self, spec: Mapping[str, object], seed: int) -> StudentRun:
+        """A job is ``{"method": name, "bindings": [[teacher, student], ...], "alpha": a}`` (the last two for LSL)."""
+        bindings = tuple(tuple(pair) for pair in spec.get("bindings", PAPER_BINDINGS))  # type: ignore[union-attr]
+        return self.student_run(str(spec["method"]), seed, bindings, spec.get("alpha"))  # type: ignore[arg-type]
+
+    def choose_alpha(self) -> tuple[float, pd.DataFrame]:
+        """The alignment weight with the best mean validation accuracy (the paper's bindings, the first seed)."""
+        jobs = {f"LSL (alpha={a:g})": {"method": LSL, "alpha": a} for a in self.settings.alphas}
+        runs = self.table(jobs, self.settings.seeds[:1])
+        val = runs[(runs["split"] == "val") & (runs["failed"] == "")]
+        if val.empty:
+            raise RuntimeError("Every LSL run of the alpha sweep failed; there is no weight to choose.")
+        best = val.groupby("method")["accuracy"].mean().idxmax()
+        return float(jobs[best]["alpha"]), runs
+
+    def bindings(self, tables: Sequence[Sequence[Binding]], alpha: float) -> pd.DataFrame:
+        """LSL with each binding of the paper's tables, one seed (validation accuracy of the student)."""
+        jobs = {
+            binding_label(b): {"method": LSL, "bindings": [list(pair) for pair in b], "alpha": alpha}
+            for b in tables
+        }
+        return self.table(jobs, self.settings.seeds[:1])
+
+    def comparison(self, alpha: float) -> pd.DataFrame:
+        """The paper's Table 8: the four methods over the seeds."""
+        return self.table({name: {"method": name, "alpha": alpha} for name in (ALONE, HINTON, FSP, LSL)},
+                          self.settings.seeds)  # fmt: skip
+
+    def record(self) -> pd.DataFrame:
+        alpha, sweep = self.choose_alpha()
+        final = self.comparison(alpha)
+        return pd.concat([sweep.assign(stage="sweep"), final.assign(stage="final")], ignore_index=True)
+
+
+def lsp_with_paper(table: pd.DataFrame, role: str, count: int = 3) -> pd.DataFrame:
+    """Our LSP table beside the paper's Table 3 (its scale, its rank), with LSP's picks marked."""
+    chosen = set(table["LSP"].nsmallest(count).index)
+    shown = table.drop(columns=["output_shape", "previous"]).copy()
+    shown["paper's LSP (PPMI)"] = [PAPER_TABLE3[role].get(layer) for layer in table.index]
+    shown["paper's rank"] = shown["paper's LSP (PPMI)"].rank().astype("Int64")
+    shown["LSP binds"] = ["yes" if layer in chosen else "" for layer in table.index]
+    return shown
+
+
+def plot_lsp_scores(teacher_table: pd.DataFrame, student_table: pd.DataFrame) -> Figure:
+    """Each layer's LSP score as stacked bars (G_diversity + H_class), teacher and student side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.4), layout="constrained", dpi=DPI, sharey=True,
+                             gridspec_kw={"width_ratios": [len(teacher_table), len(student_table)]})  # fmt: skip
+    for ax, (role, table) in zip(axes, (("teacher", teacher_table), ("student", student_table))):
+        positions = range(len(table))
+        ax.bar(positions, table["G_diversity"], color="#4c72b0", label="G_diversity (Eq. 5)")
+        ax.bar(
+            positions, table["H_class"], bottom=table["G_diversity"], color="#dd8452", label="H_class (Eq. 6)"
+        )
+        lowest = set(table["LSP"].nsmallest(3).index)
+        ax.set_xticks(list(positions), [f"{layer}\n(binds)" if layer in lowest else layer for layer in table.index],
+                      fontsize="small")  # fmt: skip
+        ax.set_title(f"{role}: LSP = G_diversity + H_class", fontsize="medium")
+    axes[0].set_ylabel("LSP score (lower binds first)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small", frameon=False)
+    return fig
+
+
+def plot_inter_class(
+    grams: dict[str, LayerGrams], layers: Sequence[str], classes: Sequence[str], role: str
+) -> Figure:
+    """The inter-class Gram matrices H of a few layers of one network, on one [0, 1] colour scale."""
+    return heatmap_grid([grams[layer].inter_class for layer in layers],
+                        [f"{role} {layer}\nH_class = {grams[layer].h_class:.3f}" for layer in layers],
+                        row_labels=list(classes), col_labels=list(classes), ncols=len(layers), vmin=0, vmax=1,
+                        xlabel="class", ylabel="class", colorbar_label="cosine of the class means",
+                        panel_size=2.6)  # fmt: skip
+
+
+def plot_lsp_vs_accuracy(tried: pd.DataFrame, alone: float) -> Figure:
+    """Validation accuracy of each binding (one seed) against its LSP score; colours give the number of
+    bound pairs (a confound: the lowest scores belong to the FC layers, bound in the longer lists)."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.0), layout="constrained", dpi=DPI)
+    for pairs, group in tried.groupby("pairs"):
+        ax.scatter(group["LSP score"], group["accuracy"], label=f"{pairs} bound pair(s)", s=40)
+    for number, (score, accuracy) in enumerate(zip(tried["LSP score"], tried["accuracy"]), start=1):
+        ax.annotate(str(number), (score, accuracy), fontsize="small", xytext=(4, 2 + 7 * (number % 2)),
+                    textcoords="offset points")  # fmt: skip
+    ax.axhline(alone, color="grey", linestyle="--", label="student alone (same seed)")
+    ax.set_xlabel("binding's LSP score (mean teacher LSP + mean student LSP)")
+    ax.set_ylabel("student's validation accuracy (%)")
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title("Lower LSP, better student? One seed per binding", fontsize="medium")
     return fig

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from torch import nn
 
+from kdbook_utils.data import DataSplits
+from kdbook_utils.experiments import (
+    StudentRun,
+    TeacherOutputCache,
+    cached_teacher,
+    cached_teacher_exits,
+    train_student,
+)
+from kdbook_utils.lessons import LessonRunner
+from kdbook_utils.methods.mskd import MSKD, MultiExitCrossEntropy, OtO
+from kdbook_utils.models import create_model
 from kdbook_utils.models.multi_exit import FINAL_EXIT, MultiExit
 from kdbook_utils.plots import DPI
+from kdbook_utils.presets import Preset
+from kdbook_utils.train import DeviceLike, resolve_device
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,8 @@ SETTINGS: dict[str, MSKDLesson] = {
                       head_epochs=5, epochs=15, batch_size=128, seeds=(0, 1, 2)),
     "paper": MSKDLesson(image_size=32, teacher="vgg13", student="vgg8", teacher_epochs=240, head_epochs=100,
                         epochs=240, batch_size=64, seeds=(0, 1, 2)),
+    "smoke": MSKDLesson(image_size=16, teacher="resnet8", student="resnet8", student_images=60, teacher_epochs=1,
+                        head_epochs=1, epochs=1, batch_size=32, seeds=(0, 1)),
 }  # fmt: skip
 
 
@@ -256,7 +273,9 @@ def plot_exit_accuracies(runs: pd.DataFrame) -> Figure:
 
 
 def plot_accuracy_vs_macs(
-    curves: dict[str, pd.DataFrame], points: dict[str, tuple[float, float]] | None = None
+    curves: dict[str, pd.DataFrame],
+    points: dict[str, tuple[float, float]] | None = None,
+    split: str = "validation",
 ) -> Figure:
     """Early exit's accuracy (percent) against the mean MACs per image (one curve per
     :func:`~kdbook_utils.methods.mskd.threshold_sweep`), plus single models as points
@@ -267,8 +286,122 @@ def plot_accuracy_vs_macs(
     for name, (macs, accuracy) in (points or {}).items():
         ax.scatter([macs / 1e6], [accuracy], marker="*", s=160, zorder=3, label=name)
     ax.set_xlabel("mean multiply-accumulates per image (millions of MACs)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{split} accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
     ax.set_title("Early exit: accuracy against computation", fontsize="medium")
     return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the lesson runs
+# --------------------------------------------------------------------------------------------------------
+
+SINGLE = "single exit"
+SINGLE_KD = "single exit + KD"
+MULTI_CE = "multi-exit CE"
+MSKD_COPY = "MSKD"
+OTO = "OtO"
+MSKD_LIGHT = "MSKD, light heads"
+METHODS = (SINGLE, SINGLE_KD, MULTI_CE, MSKD_COPY, OTO, MSKD_LIGHT)
+"""The ways the lesson trains the student. "single exit + KD" is MSKD's loss on the plain network (no
+extra exit): Hinton KD with MSKD's teacher, temperature, weights and epochs, the fair baseline."""
+
+
+@dataclass
+class MSKDRunner(LessonRunner):
+    """What lesson 4 runs, written once for the notebook, the results recorder and the command line."""
+
+    preset: Preset
+    settings: MSKDLesson
+    splits: DataSplits  # at the lesson's image size; train cut to the students' images
+    teacher: nn.Module
+    teacher_exits: MultiExit
+    device: DeviceLike = None
+    progress: bool = True
+    cache: TeacherOutputCache = field(default_factory=TeacherOutputCache)
+    runs: dict = field(default_factory=dict)
+    lesson: str = "mskd"
+
+    @classmethod
+    def prepare(
+        cls,
+        preset: Preset,
+        splits: DataSplits,
+        *,
+        device: DeviceLike = None,
+        progress: bool = True,
+        settings: MSKDLesson | None = None,
+    ) -> MSKDRunner:
+        """Train (once) the teacher on the whole training split, and its exit heads for OtO."""
+        settings = settings or SETTINGS[preset.name]
+        device = resolve_device(device)
+        sized = DataSplits(*(data.resized(settings.image_size) for data in splits))
+        common = {
+            "lr": settings.lr,
+            "batch_size": settings.batch_size,
+            "device": device,
+            "progress": progress,
+        }
+        teacher = cached_teacher(settings.teacher, sized, epochs=settings.teacher_epochs,
+                                 model_options=settings.teacher_options, **common).model  # fmt: skip
+        exits = cached_teacher_exits(
+            teacher, sized, epochs=settings.head_epochs, heads=settings.heads, **common
+        )
+        train = sized.train
+        if settings.student_images is not None and settings.student_images < len(train):
+            train = train.subset(settings.student_images, seed=0)
+        return cls(
+            preset, settings, DataSplits(train, sized.val, sized.test), teacher, exits, device, progress
+        )
+
+    def build(self) -> nn.Module:
+        data = self.splits.train
+        return create_model(self.settings.student, data.num_classes, in_channels=data.image_shape[0],
+                            **self.settings.student_options)  # fmt: skip
+
+    def network(
+        self, heads: str | None = None, exits: Sequence[str] | None = None
+    ) -> Callable[[nn.Module], MultiExit]:
+        shape = self.splits.train.image_shape
+        return lambda student: MultiExit(
+            student, exits=exits, heads=heads or self.settings.heads, input_shape=shape
+        )
+
+    def method(self, name: str) -> Callable[[nn.Module], nn.Module] | None:
+        """The method that trains a fresh student for ``name`` (one of :data:`METHODS`)."""
+        s = self.settings
+        loss = {"temperature": s.temperature, "alpha": s.alpha, "beta": s.beta}
+        if name == SINGLE:
+            return None
+        if name == SINGLE_KD:
+            plain = self.network(exits=())
+            return lambda student: MSKD(plain(student), self.teacher, **loss)
+        if name == MULTI_CE:
+            return lambda student: MultiExitCrossEntropy(self.network()(student), alpha=s.alpha)
+        if name == MSKD_COPY:
+            return lambda student: MSKD(self.network()(student), self.teacher, **loss)
+        if name == OTO:
+            return lambda student: OtO(self.network()(student), self.teacher_exits, **loss)
+        if name == MSKD_LIGHT:
+            return lambda student: MSKD(self.network(heads="light")(student), self.teacher, **loss)
+        raise ValueError(f"Unknown method {name!r}; the lesson's methods are {METHODS}.")
+
+    def student_run(self, name: str, seed: int) -> StudentRun:
+        if (name, seed) not in self.runs:
+            s = self.settings
+            self.runs[(name, seed)] = train_student(self.build, self.method(name), self.splits, seed=seed,
+                                                    epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
+                                                    cache=self.cache, keep_logits=True, device=self.device)  # fmt: skip
+        return self.runs[(name, seed)]
+
+    def job(self, spec: Mapping[str, object], seed: int) -> StudentRun:
+        """A job is ``{"method": name}``, ``name`` one of :data:`METHODS`."""
+        return self.student_run(str(spec["method"]), seed)
+
+    def compare_all(self, methods: Sequence[str] = METHODS) -> pd.DataFrame:
+        """Every method over the lesson's seeds: one tidy table (a row per exit and the ensemble)."""
+        return self.table({name: {"method": name} for name in methods}, self.settings.seeds)
+
+    def record(self) -> pd.DataFrame:
+        return self.compare_all().assign(stage="final")
