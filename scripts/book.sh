@@ -23,6 +23,8 @@ done
 "$PY" scripts/execute_notebooks.py --out kdbook/lessons --preset "$PRESET"
 
 echo "book: building the Jupyter Book"
+# The instructors' page includes the recorded notebook times (kdbook_utils/results/timings.csv).
+"$PY" -c "from kdbook_utils.lessons import write_timings_markdown as w; w('kdbook/_generated/times.md')"
 "$PY" scripts/book_toc.py "$ROOT/kdbook/_build/_toc.yml"
 "$ROOT/.venv/bin/jupyter-book" build kdbook --toc "$ROOT/kdbook/_build/_toc.yml"
 

@@ -22,8 +22,8 @@ from kdbook_utils.methods.crosslayer import (
     weighted_mean,
 )
 from kdbook_utils.methods.hinton import kd_loss
-from kdbook_utils.train import fit
 from kdbook_utils.models import create_model
+from kdbook_utils.train import fit
 
 
 def loop_fsp(a: torch.Tensor, b: torch.Tensor, pool: str = "max") -> torch.Tensor:
@@ -45,7 +45,9 @@ def loop_fsp(a: torch.Tensor, b: torch.Tensor, pool: str = "max") -> torch.Tenso
     for n in range(a.shape[0]):
         for i in range(a.shape[1]):
             for j in range(b.shape[1]):
-                gram[n, i, j] = sum(a[n, i, s, t] * b[n, j, s, t] for s in range(h) for t in range(w)) / (h * w)
+                gram[n, i, j] = sum(a[n, i, s, t] * b[n, j, s, t] for s in range(h) for t in range(w)) / (
+                    h * w
+                )
     return gram
 
 
@@ -106,7 +108,9 @@ def test_cross_layer_pairs_exact_and_cumulative() -> None:
     assert cross_layer_pairs(points, 3, "exact") == [("c0", "c3")]
     assert cross_layer_pairs(points, 1, "cumulative") == cross_layer_pairs(points, 1, "exact")
     cumulative = cross_layer_pairs(points, 3, "cumulative")
-    assert len(cumulative) == 6 and set(cumulative) == {(a, b) for i, a in enumerate(points) for b in points[i + 1 :]}
+    assert len(cumulative) == 6 and set(cumulative) == {
+        (a, b) for i, a in enumerate(points) for b in points[i + 1 :]
+    }
 
 
 def test_cross_layer_pairs_errors() -> None:
@@ -155,7 +159,9 @@ def test_kl_loss_symmetric_is_the_mean_of_both_directions() -> None:
     p_t, log_s = F.softmax(teacher_logits, dim=1), F.log_softmax(logits, dim=1)
     forward = F.kl_div(log_s, p_t, reduction="batchmean")
     reverse = F.kl_div(F.log_softmax(teacher_logits, dim=1), log_s.exp(), reduction="batchmean")
-    assert kl_loss(logits, p_t, mode="symmetric").item() == pytest.approx(0.5 * (forward + reverse).item(), rel=1e-5)
+    assert kl_loss(logits, p_t, mode="symmetric").item() == pytest.approx(
+        0.5 * (forward + reverse).item(), rel=1e-5
+    )
 
 
 # ---- the two gradient identities behind the ensemble's mean target ---------------------------------------
@@ -170,13 +176,17 @@ def student_gradient(loss_fn, parameter: torch.Tensor) -> torch.Tensor:
 def test_mean_of_kl_losses_and_kl_to_the_mean_give_the_same_gradient() -> None:
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 10, generator=generator, dtype=torch.float64, requires_grad=True)
-    teacher_probs = [F.softmax(3 * torch.randn(6, 10, generator=generator, dtype=torch.float64), 1) for _ in range(3)]
+    teacher_probs = [
+        F.softmax(3 * torch.randn(6, 10, generator=generator, dtype=torch.float64), 1) for _ in range(3)
+    ]
     mean_probs = sum(teacher_probs) / 3
     per_teacher = student_gradient(lambda: sum(kl_loss(logits, p) for p in teacher_probs) / 3, logits)
     against_mean = student_gradient(lambda: kl_loss(logits, mean_probs), logits)
     assert torch.allclose(per_teacher, against_mean, atol=1e-12)
     # The identity is special to the forward KL: the symmetric KL breaks it.
-    per_teacher_sym = student_gradient(lambda: sum(kl_loss(logits, p, "symmetric") for p in teacher_probs) / 3, logits)
+    per_teacher_sym = student_gradient(
+        lambda: sum(kl_loss(logits, p, "symmetric") for p in teacher_probs) / 3, logits
+    )
     against_mean_sym = student_gradient(lambda: kl_loss(logits, mean_probs, "symmetric"), logits)
     assert not torch.allclose(per_teacher_sym, against_mean_sym, atol=1e-6)
 
@@ -191,7 +201,9 @@ def test_mean_of_gram_losses_and_gram_loss_to_the_mean_give_the_same_gradient() 
 
     targets = [{("a", "b"): torch.randn(4, 3, 5, generator=generator, dtype=torch.float64)} for _ in range(3)]
     mean_target = {("a", "b"): weighted_mean([t[("a", "b")] for t in targets], ensemble_weights(3))}
-    per_teacher = student_gradient(lambda: sum(gram_loss(student_grams(), t) for t in targets) / 3, student_map)
+    per_teacher = student_gradient(
+        lambda: sum(gram_loss(student_grams(), t) for t in targets) / 3, student_map
+    )
     against_mean = student_gradient(lambda: gram_loss(student_grams(), mean_target), student_map)
     assert torch.allclose(per_teacher, against_mean, atol=1e-12)
     assert per_teacher.abs().sum() > 0
@@ -318,12 +330,16 @@ def test_paper_resnets_have_the_spec_parameter_counts() -> None:
     ("teacher_name", "student_name", "size", "classes"),
     [("resnet32w", "resnet8w", 32, 100), ("vgg11", "vgg6", 32, 100), ("mobilenet16", "mobilenet9", 64, 1000)],
 )
-def test_paper_pairs_share_checkpoint_channels(teacher_name: str, student_name: str, size: int, classes: int) -> None:
+def test_paper_pairs_share_checkpoint_channels(
+    teacher_name: str, student_name: str, size: int, classes: int
+) -> None:
     from kdbook_utils.features import FeatureExtractor
 
     teacher, student = create_model(teacher_name, classes), create_model(student_name, classes)
     assert len(teacher.feature_points) == len(student.feature_points)
-    shapes = [FeatureExtractor(m, m.feature_points).feature_shapes((3, size, size)) for m in (teacher, student)]
+    shapes = [
+        FeatureExtractor(m, m.feature_points).feature_shapes((3, size, size)) for m in (teacher, student)
+    ]
     assert [s for s in shapes[0].values()] == [s for s in shapes[1].values()]
     assert student.eval()(torch.zeros(1, 3, size, size)).shape == (1, classes)
 
@@ -334,7 +350,9 @@ def test_mobilenets_have_one_checkpoint_per_resolution() -> None:
     model = create_model("mobilenet9", 1000, width=0.25)
     shapes = FeatureExtractor(model, model.feature_points).feature_shapes((3, 64, 64))
     assert [s[1] for s in shapes.values()] == [64, 64, 32, 16, 8, 4]
-    assert len(cross_layer_pairs(model.feature_points, 4)) == 5 + 4 + 3 + 2  # cross-4 as in the paper's Fig. 7
+    assert (
+        len(cross_layer_pairs(model.feature_points, 4)) == 5 + 4 + 3 + 2
+    )  # cross-4 as in the paper's Fig. 7
 
 
 def test_fsp_matrices_name_missing_checkpoints() -> None:
@@ -385,10 +403,20 @@ def test_fit_runs_both_phases_and_the_distiller_records_snapshots() -> None:
     assert history["lr"].tolist()[:2] != history["lr"].tolist()[2:]  # phase A at gram_lr
     assert history["train_gram"].notna().tolist() == [True, True, False]
     assert history.loc[2, ["train_ce", "train_kl"]].notna().all()
-    assert [(s["phase"], s["epoch"]) for s in method.snapshots] == [("gram", 0), ("gram", 1), ("task", 0), ("task", 1)]
+    assert [(s["phase"], s["epoch"]) for s in method.snapshots] == [
+        ("gram", 0),
+        ("gram", 1),
+        ("task", 0),
+        ("task", 1),
+    ]
     first, after_a = method.snapshots[0]["grams"], method.snapshots[2]["grams"]
-    assert set(first) == set(method.pairs) and first[("stem", "stage1")].shape == (4, 8)  # width 0.125: 4 and 8
-    assert not torch.equal(first[("stem", "stage3")], after_a[("stem", "stage3")])  # phase A changed the student
+    assert set(first) == set(method.pairs) and first[("stem", "stage1")].shape == (
+        4,
+        8,
+    )  # width 0.125: 4 and 8
+    assert not torch.equal(
+        first[("stem", "stage3")], after_a[("stem", "stage3")]
+    )  # phase A changed the student
 
 
 def test_mobilenet9_consumes_an_imagenet64_batch(tmp_path) -> None:
@@ -397,8 +425,11 @@ def test_mobilenet9_consumes_an_imagenet64_batch(tmp_path) -> None:
     rng = np.random.default_rng(0)
     folder = tmp_path / "imagenet64"
     folder.mkdir()
-    np.savez(folder / "val_data.npz", data=rng.integers(0, 256, (6, 3 * 64 * 64), dtype=np.uint8),
-             labels=rng.integers(1, 1001, 6))
+    np.savez(
+        folder / "val_data.npz",
+        data=rng.integers(0, 256, (6, 3 * 64 * 64), dtype=np.uint8),
+        labels=rng.integers(1, 1001, 6),
+    )
     data = load_dataset("imagenet64", "test", root=tmp_path)
     images, labels = next(iter(TensorLoader(data, 4, train=False)))
     assert images.shape == (4, 3, 64, 64) and 0 <= int(labels.min()) and int(labels.max()) < 1000

@@ -578,7 +578,9 @@ def test_holdout_and_resized() -> None:
     assert small.images.shape == (200, 3, 8, 8) and small.images.dtype == torch.uint8
     assert data.resized(32) is data
     # the digits are 8x8 scans upsampled to 32x32: going back to 8x8 and up again changes little
-    back = torch.nn.functional.interpolate(small.images.float(), size=32, mode="bilinear", align_corners=False)
+    back = torch.nn.functional.interpolate(
+        small.images.float(), size=32, mode="bilinear", align_corners=False
+    )
     assert (back - data.images.float()).abs().mean() < 20
 
 

@@ -6,7 +6,7 @@ the student edition runs top to bottom unfilled, gets zero on every exercise and
 student edition with one exercise filled in with a mistake its checker knows loses that exercise's marks,
 with the checker's feedback. Small synthetic notebooks make this take seconds; the same checks run over
 every marked notebook in notebooks/ (tests marked ``notebook``, preset ``$KDBOOK_EDITIONS_PRESET``,
-default ``quick``). Where nbgrader is installed (the ``instructor`` extra), its own preprocessors and
+default ``smoke``). Where nbgrader is installed (the ``instructor`` extra), its own preprocessors and
 commands check that our student edition and our grades are the ones nbgrader produces.
 """
 
@@ -654,7 +654,30 @@ MARKED_OR_SKIP = MARKED or [
 ]
 
 #: For each answer cell of the real notebooks: a mistake its checker knows, its test cell, the feedback.
-NOTEBOOK_WRONG_ANSWERS: dict[str, tuple[str, str, str]] = {}
+NOTEBOOK_WRONG_ANSWERS: dict[str, tuple[str, str, str]] = {
+    "hinton-kd-loss-answer": (KD_LOSS_WITHOUT_T_SQUARED, "hinton-kd-loss", "You forgot the factor T^2"),
+    "hinton-high-temperature-answer": (
+        'soft_targets_become = "one-hot"\nkd_loss_becomes = "levels off"', "hinton-high-temperature",
+        "they become uniform (1/C each)"),
+    "lsl-inter-class-gram-answer": (
+        (
+            "flat = features.reshape(len(features), -1).double()\n"
+            "means = torch.stack([flat[labels == c].mean(dim=0) for c in range(num_classes)])\n"
+            "return means @ means.T"
+        ), "lsl-inter-class-gram", "the diagonal should be all 1"),
+    "lsl-bindings-answer": ('MY_BINDINGS = [("conv2", "conv2")]', "lsl-bindings", "lowest-scoring"),
+    "crosslayer-fsp-matrix-answer": ('return torch.einsum("nihw,njhw->nij", a, b)', "crosslayer-fsp-matrix",
+                                     "H*W"),
+    "crosslayer-cross-two-layers-answer": ('my_pairs = [("stem", "stage2"), ("stage1", "stage3")]',
+                                           "crosslayer-cross-two-layers", "'exact' reading"),
+    "mskd-exit-loss-answer": (
+        (
+            "log_q = F.log_softmax(exit_logits / temperature, dim=1)\n"
+            "p = F.softmax(teacher_logits / temperature, dim=1)\n"
+            'return alpha * F.cross_entropy(exit_logits, labels) + beta * F.kl_div(log_q, p, reduction="batchmean")'
+        ), "mskd-exit-loss", "T^2"),
+    "mskd-threshold-for-budget-answer": ("MY_THRESHOLD = 1.0", "mskd-threshold-for-budget", "Over budget"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("path", MARKED_OR_SKIP, ids=lambda p: getattr(p, "stem", "none"))
@@ -677,7 +700,7 @@ def test_every_marked_notebook_grades_as_the_three_editions_should(path: Path, c
     """Instructor edition: full marks. Student edition: zero on every exercise, no error elsewhere. Every
     exercise filled in with a known mistake (one run, as no later cell depends on an answer): each loses
     its marks with its checker's feedback."""
-    preset = os.environ.get("KDBOOK_EDITIONS_PRESET", "quick")
+    preset = os.environ.get("KDBOOK_EDITIONS_PRESET", "smoke")
     instructor = nbformat.read(path, as_version=4)
     answers = {
         answer: NOTEBOOK_WRONG_ANSWERS[answer][0]

@@ -61,8 +61,13 @@ class ForwardCounter:
         self.count += 1
 
 
-def kd_student(splits: DataSplits, teacher: nn.Module, cache: TeacherOutputCache | None, seed: int = 3,
-               augment: bool = True) -> nn.Module:
+def kd_student(
+    splits: DataSplits,
+    teacher: nn.Module,
+    cache: TeacherOutputCache | None,
+    seed: int = 3,
+    augment: bool = True,
+) -> nn.Module:
     run = train_student(lambda: create_model("small_cnn", 10, blocks=1, width=4),
                         lambda student: HintonKD(student, teacher), splits, seed=seed, epochs=2, batch_size=32,
                         augment=augment, cache=cache, splits=())  # fmt: skip
@@ -157,7 +162,11 @@ def test_feature_maps_and_several_teachers_come_from_the_cache(splits: DataSplit
 
 def test_cached_teacher_trains_once_then_loads_and_names_its_recipe(splits: DataSplits, capsys) -> None:
     first = cached_teacher("resnet8", splits, epochs=1, batch_size=32, progress=False)
-    assert not first.loaded and first.path.is_file() and "Trained resnet8_digits16px_seed0" in capsys.readouterr().out
+    assert (
+        not first.loaded
+        and first.path.is_file()
+        and "Trained resnet8_digits16px_seed0" in capsys.readouterr().out
+    )
     assert not first.model.training and not any(p.requires_grad for p in first.model.parameters())
     again = cached_teacher("resnet8", splits, epochs=1, batch_size=32, progress=False)
     assert again.loaded and again.path == first.path and "Loaded" in capsys.readouterr().out
@@ -241,7 +250,16 @@ def test_run_seeds_makes_a_tidy_table_and_reuses_kept_runs(splits: DataSplits) -
 
     kept = {}
     table = run_seeds({"alone": run}, [0, 1], progress=False, keep=kept, lesson="test")
-    assert list(table.columns) == ["lesson", "method", "seed", "split", "output", "accuracy", "seconds", "failed"]
+    assert list(table.columns) == [
+        "lesson",
+        "method",
+        "seed",
+        "split",
+        "output",
+        "accuracy",
+        "seconds",
+        "failed",
+    ]
     assert len(table) == 4 and set(table["split"]) == {"val", "test"}
     run_seeds({"alone": run}, [0, 1], progress=False, keep=kept)
     assert calls == [0, 1]
@@ -280,7 +298,10 @@ def test_verdicts_follow_known_differences() -> None:
     assert comparison.verdict("same") == "no difference"
     assert comparison.table.loc["helps", "ci_low"] > 0 > comparison.table.loc["hurts", "ci_high"]
     # pairing removes the shared seed-to-seed variation: the interval is far narrower than the std
-    assert comparison.table.loc["helps", "ci_high"] - comparison.table.loc["helps", "ci_low"] < comparison.table.loc["alone", "std"]
+    assert (
+        comparison.table.loc["helps", "ci_high"] - comparison.table.loc["helps", "ci_low"]
+        < comparison.table.loc["alone", "std"]
+    )
     sentence = comparison.sentence("helps")
     assert "better than the baseline" in sentence and "95 % interval" in sentence and "5 seeds" in sentence
 
@@ -304,7 +325,9 @@ def test_compare_picks_the_final_output_of_multi_exit_runs() -> None:
     extra = runs[runs["method"] == "mskd"].assign(output="ensemble", accuracy=lambda t: t["accuracy"] + 5)
     runs = pd.concat([runs, extra])
     assert compare(runs, "alone").table.loc["mskd", "difference"] == pytest.approx(2.0, abs=0.5)
-    assert compare(runs, "alone", output="ensemble").table.loc["mskd", "difference"] == pytest.approx(7.0, abs=0.5)
+    assert compare(runs, "alone", output="ensemble").table.loc["mskd", "difference"] == pytest.approx(
+        7.0, abs=0.5
+    )
 
 
 def test_seeding_makes_paired_runs_see_the_same_batches(splits: DataSplits) -> None:

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kdbook_utils.methods.hinton import HintonKD, KDLoss, kd_loss, logit_matching_limit, soft_cross_entropy, soft_targets
+from kdbook_utils.methods.hinton import (
+    HintonKD,
+    KDLoss,
+    kd_loss,
+    logit_matching_limit,
+    soft_cross_entropy,
+    soft_targets,
+)
 from kdbook_utils.models import ZooModel, create_model
 from kdbook_utils.models.small_cnn import SMALL_CNN_FAMILY
 from kdbook_utils.train import TeacherOutputs
@@ -146,7 +153,9 @@ def test_distiller_rejects_bad_settings() -> None:
 def test_a_learners_loss_function_replaces_kd_loss() -> None:
     calls = []
 
-    def my_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    def my_loss(
+        student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
         calls.append(temperature)
         return kd_loss(student_logits, teacher_logits, temperature) * 2
 
@@ -203,5 +212,3 @@ def test_pretrained_teacher_offline_says_so(monkeypatch: pytest.MonkeyPatch, tmp
         create_model("torchvision_resnet50", 10, pretrained=True)
     with pytest.raises(PretrainedWeightsUnavailable, match="not in the local cache"):
         create_model("torchvision_inception_v3", 10, pretrained=True)
-
-

@@ -46,8 +46,15 @@ def package_imports(path: Path) -> list[tuple[str, int, bool]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kdbook_utils"):
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            target = max((n for n in names if (PACKAGE.parent / n.replace(".", "/")).with_suffix(".py").exists()
-                          or (PACKAGE.parent / n.replace(".", "/") / "__init__.py").exists()), key=len)
+            target = max(
+                (
+                    n
+                    for n in names
+                    if (PACKAGE.parent / n.replace(".", "/")).with_suffix(".py").exists()
+                    or (PACKAGE.parent / n.replace(".", "/") / "__init__.py").exists()
+                ),
+                key=len,
+            )
             found.append((target, node.lineno, id(node) in top_level))
         elif isinstance(node, ast.Import):
             for alias in node.names:
@@ -73,7 +80,9 @@ def test_methods_and_plumbing_never_reach_experiments_lessons_or_exercises() -> 
         source = module_name(path)
         if layer_of(source) in ("plumbing", "methods"):
             for target, line, _ in package_imports(path):
-                assert layer_of(target) not in ("experiments", "lessons", "exercises"), f"{source}:{line} -> {target}"
+                assert layer_of(target) not in ("experiments", "lessons", "exercises"), (
+                    f"{source}:{line} -> {target}"
+                )
 
 
 def test_every_import_is_at_the_top_of_its_module() -> None:
@@ -96,7 +105,7 @@ def test_there_are_no_import_cycles() -> None:
         if node in done:
             return
         if node in visiting:
-            cycles.append(" -> ".join(trail[trail.index(node):] + [node]))
+            cycles.append(" -> ".join(trail[trail.index(node) :] + [node]))
             return
         visiting.add(node)
         for child in sorted(graph.get(node, ())):

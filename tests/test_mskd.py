@@ -28,10 +28,10 @@ from kdbook_utils.methods.mskd import (
     mskd_loss,
     threshold_sweep,
 )
-from kdbook_utils.models.multi_exit import FINAL_EXIT, MultiExit, default_exit_points, exit_costs
-from kdbook_utils.train import fit
 from kdbook_utils.metrics import count_flops, count_parameters
 from kdbook_utils.models import create_model
+from kdbook_utils.models.multi_exit import FINAL_EXIT, MultiExit, default_exit_points, exit_costs
+from kdbook_utils.train import fit
 
 # ---------------------------------------------------------------------------------------------------------
 # The zoo models this lesson adds

@@ -1,0 +1,101 @@
+"""Measure how long the notebooks take, and record it for the notebooks, the book and the README.
+
+    python scripts/time_notebooks.py --preset quick                 # fresh cache, then again with it warm
+    python scripts/time_notebooks.py --preset lab --data ~/data/cifar10 notebooks/01_hinton_kd.ipynb
+
+Each notebook is executed twice in a fresh kernel (with ``scripts/execute_notebooks.py``'s kernel): first
+with an empty teacher cache (``teachers: trained in this run``), then again with the cache that run filled
+(``already cached``). Each run appends a row to ``kdbook_utils/results/timings.csv``, replacing an earlier
+row of the same notebook, preset, cache state and machine: the notebook, preset, cache state, machine, date
+and seconds. The notebooks' introductions, the instructor guide and the README read that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMINGS = ROOT / "kdbook_utils" / "results" / "timings.csv"
+COLUMNS = ["notebook", "preset", "cached", "machine", "date", "seconds"]
+
+
+def load_executor():
+    spec = importlib.util.spec_from_file_location(
+        "execute_notebooks", ROOT / "scripts" / "execute_notebooks.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def machine() -> str:
+    sys.path.insert(0, str(ROOT))
+    from kdbook_utils.experiments import machine_description
+
+    return machine_description()
+
+
+def record(rows: list[dict]) -> None:
+    table = pd.read_csv(TIMINGS) if TIMINGS.is_file() else pd.DataFrame(columns=COLUMNS)
+    for row in rows:
+        same = ((table["notebook"] == row["notebook"]) & (table["preset"] == row["preset"])
+                & (table["cached"] == row["cached"]) & (table["machine"] == row["machine"]))  # fmt: skip
+        table = pd.concat([table[~same], pd.DataFrame([row])], ignore_index=True)
+    TIMINGS.parent.mkdir(parents=True, exist_ok=True)
+    table.sort_values(["notebook", "preset", "cached"]).to_csv(TIMINGS, index=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("notebooks", nargs="*", type=Path)
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--data", default=None, help="data root for lab/paper (sets KDBOOK_DATA)")
+    parser.add_argument(
+        "--only-cached",
+        action="store_true",
+        help="one run with the cache in $KDBOOK_CACHE, whose teachers are already trained",
+    )
+    args = parser.parse_args(argv)
+    paths = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("*.ipynb"))
+    executor = load_executor()
+    if args.data:
+        os.environ["KDBOOK_DATA"] = str(Path(args.data).expanduser())
+    where = machine()
+    today = datetime.date.today().isoformat()
+    with tempfile.TemporaryDirectory(prefix="kdbook-timing-cache-") as cache:
+        if not args.only_cached:
+            os.environ["KDBOOK_CACHE"] = cache
+        runs = [True] if args.only_cached else [False, True]
+        with executor.kernel_for_this_python(args.preset) as kernel:
+            for cached in runs:
+                rows = []
+                for path in paths:  # in order: notebook 00 trains the teacher lesson 1 loads
+                    started = time.perf_counter()
+                    executor.execute_notebook(
+                        path, kernel_name=kernel, timeout=executor.DEFAULT_TIMEOUT_S * 4
+                    )
+                    seconds = time.perf_counter() - started
+                    print(
+                        f"{path.name}: {seconds:.0f} s ({'cached' if cached else 'empty cache'})", flush=True
+                    )
+                    rows.append({"notebook": path.stem, "preset": args.preset, "cached": cached, "machine": where,
+                                 "date": today, "seconds": round(seconds, 1)})  # fmt: skip
+                record(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
