@@ -78,7 +78,9 @@ def cross_layer_pairs(points: Sequence[str], k: int, mode: str = "cumulative") -
         raise ValueError(f"Cross-layer pairs need at least two checkpoints; got {points}.")
     largest = len(points) - 1
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= largest:
-        raise ValueError(f"k must be an integer from 1 to {largest} for {len(points)} checkpoints; got {k!r}.")
+        raise ValueError(
+            f"k must be an integer from 1 to {largest} for {len(points)} checkpoints; got {k!r}."
+        )
     spans = range(1, k + 1) if mode == "cumulative" else [k]
     return [(points[i], points[i + span]) for span in spans for i in range(len(points) - span)]
 
@@ -111,7 +113,9 @@ def _pool_to(feature_map: Tensor, size: tuple[int, int], pool: str) -> Tensor:
     return F.adaptive_avg_pool2d(feature_map, size)
 
 
-def fsp_matrices(features: Mapping[str, Tensor], pairs: Iterable[Pair], pool: str = "max") -> dict[Pair, Tensor]:
+def fsp_matrices(
+    features: Mapping[str, Tensor], pairs: Iterable[Pair], pool: str = "max"
+) -> dict[Pair, Tensor]:
     """One :func:`fsp_matrix` per pair, ``{(a, b): G_ab}``, from a dict of feature maps by checkpoint."""
     matrices = {}
     for first, second in pairs:
@@ -158,7 +162,9 @@ def gram_loss(
 # ----------------------------------------------------------------------------------------------------
 
 
-def kl_loss(student_logits: Tensor, teacher_probs: Tensor, mode: str = "forward", temperature: float = 1.0) -> Tensor:
+def kl_loss(
+    student_logits: Tensor, teacher_probs: Tensor, mode: str = "forward", temperature: float = 1.0
+) -> Tensor:
     """Offline deep mutual learning's KL term, averaged over the batch (Zhang et al. 2018, Eq. 3):
 
         forward:    KL(p_T || p_S) = mean_n sum_c p_T log(p_T / p_S)
@@ -191,7 +197,9 @@ def kl_loss(student_logits: Tensor, teacher_probs: Tensor, mode: str = "forward"
 # ----------------------------------------------------------------------------------------------------
 
 
-def ensemble_weights(num_teachers: int, mode: str = "mean", generator: torch.Generator | None = None) -> Tensor:
+def ensemble_weights(
+    num_teachers: int, mode: str = "mean", generator: torch.Generator | None = None
+) -> Tensor:
     """This step's convex weights over ``num_teachers`` teachers:
 
     * ``"mean"`` (default): ``1/K`` each. With the forward KL and the squared Gram loss, the loss against
@@ -223,7 +231,9 @@ def weighted_mean(per_teacher: Sequence[Tensor], weights: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def checkpoint_channels(model: nn.Module, points: Sequence[str], input_shape: Sequence[int]) -> dict[str, int]:
+def checkpoint_channels(
+    model: nn.Module, points: Sequence[str], input_shape: Sequence[int]
+) -> dict[str, int]:
     """Channel count of each checkpoint of ``model`` for inputs of ``input_shape`` = ``(C, H, W)``."""
     with FeatureExtractor(model, list(points)) as extractor:
         shapes = extractor.feature_shapes(input_shape)
@@ -257,8 +267,10 @@ def adapt_teacher(
     teacher_points = list(teacher_points or teacher.feature_points)
     student_points = list(student_points or student.feature_points)
     if len(teacher_points) != len(student_points):
-        raise ValueError(f"Teacher checkpoints {teacher_points} and student checkpoints {student_points} "
-                         "must be paired one to one; pass teacher_points/student_points of equal length.")
+        raise ValueError(
+            f"Teacher checkpoints {teacher_points} and student checkpoints {student_points} "
+            "must be paired one to one; pass teacher_points/student_points of equal length."
+        )
     stage_names = [name for name, _ in teacher.named_children()]
     unknown = [name for name in teacher_points if name not in stage_names]
     if unknown:
@@ -278,7 +290,9 @@ def adapt_teacher(
         stages[f"{name}_reduce"] = conv1x1_bn_relu(teacher_channels[name], wanted[name])
         stages[f"{name}_restore"] = conv1x1_bn_relu(wanted[name], teacher_channels[name])
         adapted_points.append(f"{name}_reduce")
-    adapted = ZooModel(stages, feature_points=adapted_points, min_input_size=getattr(teacher, "min_input_size", None))
+    adapted = ZooModel(
+        stages, feature_points=adapted_points, min_input_size=getattr(teacher, "min_input_size", None)
+    )
     adapted.arch = f"{getattr(teacher, 'arch', type(teacher).__name__)}+adapters"
     adapted.num_classes = getattr(teacher, "num_classes", None)
     return adapted.to(next(teacher.parameters()).device)
@@ -294,8 +308,11 @@ def check_channels(
     """Raise a ValueError naming the checkpoints whose channel counts differ, suggesting the adapters."""
     teacher_channels = checkpoint_channels(teacher, teacher_points, input_shape)
     student_channels = checkpoint_channels(student, student_points, input_shape)
-    mismatched = [f"{t} ({teacher_channels[t]}) vs {s} ({student_channels[s]})"
-                  for t, s in zip(teacher_points, student_points) if teacher_channels[t] != student_channels[s]]
+    mismatched = [
+        f"{t} ({teacher_channels[t]}) vs {s} ({student_channels[s]})"
+        for t, s in zip(teacher_points, student_points)
+        if teacher_channels[t] != student_channels[s]
+    ]
     if mismatched:
         raise ValueError(
             "FSP matrices need equal channel counts at paired checkpoints, but teacher vs student differ at: "
@@ -351,11 +368,17 @@ class CrossLayerDistiller(Distiller):
         super().__init__(student, teachers)
         if not len(self.teachers):
             raise ValueError("CrossLayerDistiller needs at least one teacher.")
-        for name, value, valid in (("mode", mode, PAIR_MODES), ("kl_mode", kl_mode, KL_MODES),
-                                   ("ensemble", ensemble, ENSEMBLE_MODES), ("pool", pool, POOL_MODES)):
+        for name, value, valid in (
+            ("mode", mode, PAIR_MODES),
+            ("kl_mode", kl_mode, KL_MODES),
+            ("ensemble", ensemble, ENSEMBLE_MODES),
+            ("pool", pool, POOL_MODES),
+        ):
             _choice(name, value, valid)  # fmt: skip
         if isinstance(gram_epochs, bool) or not isinstance(gram_epochs, int) or gram_epochs < 0:
-            raise ValueError(f"gram_epochs must be a whole number of epochs (0 skips phase A); got {gram_epochs!r}.")
+            raise ValueError(
+                f"gram_epochs must be a whole number of epochs (0 skips phase A); got {gram_epochs!r}."
+            )
         self.student_points = list(student_points or student.feature_points)
         self.teacher_points = list(teacher_points or self.teacher.feature_points)
         if len(self.student_points) != len(self.teacher_points):
@@ -409,7 +432,9 @@ class CrossLayerDistiller(Distiller):
                 features = extractor(self.snapshot_images.to(device))
         finally:
             self.student.train(was_training)
-        grams = {pair: gram.mean(0).cpu() for pair, gram in fsp_matrices(features, self.pairs, self.pool).items()}
+        grams = {
+            pair: gram.mean(0).cpu() for pair, gram in fsp_matrices(features, self.pairs, self.pool).items()
+        }
         done = sum(1 for snapshot in self.snapshots if snapshot["phase"] == self.phase)
         snapshot = {"phase": self.phase, "epoch": done, "grams": grams}
         self.snapshots.append(snapshot)
@@ -432,7 +457,9 @@ class CrossLayerDistiller(Distiller):
                 grams.append({p: by_teacher_pair[tp] for p, tp in zip(self.pairs, self.teacher_pairs)})
             probs.append(F.softmax(logits.float() / self.temperature, dim=1))
         used_weights = weights[used]
-        gram_target = {p: weighted_mean([g[p] for g in grams], used_weights) for p in self.pairs} if need_grams else {}
+        gram_target = (
+            {p: weighted_mean([g[p] for g in grams], used_weights) for p in self.pairs} if need_grams else {}
+        )
         return gram_target, (weighted_mean(probs, used_weights) if need_probs else None)
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -452,5 +479,7 @@ class CrossLayerDistiller(Distiller):
             if prob_target is not None:
                 losses["kl"] = kl_loss(logits, prob_target, self.kl_mode, self.temperature)
         if need_grams:
-            losses["gram"] = gram_loss(fsp_matrices(features, self.pairs, self.pool), gram_target, self.gram_weight)
+            losses["gram"] = gram_loss(
+                fsp_matrices(features, self.pairs, self.pool), gram_target, self.gram_weight
+            )
         return logits, losses

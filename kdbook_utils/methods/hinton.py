@@ -34,7 +34,11 @@ KDLossFunction = Callable[[Tensor, Tensor, float], Tensor]
 
 def check_temperature(temperature: float) -> None:
     """Refuse a temperature that is not a positive finite number."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 < temperature < float("inf")
+    ):
         raise ValueError(
             f"The temperature must be a positive number; got {temperature!r}. T = 1 is the plain softmax; "
             "KD uses T of 1-20 (4 is the usual default)."
@@ -64,7 +68,9 @@ def check_logits(student_logits: Tensor, teacher_logits: Tensor, *, values: bool
             )
     detached = teacher_logits.detach()
     sums = detached.sum(dim=1)
-    if bool((detached >= 0).all() and (detached <= 1).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+    if bool((detached >= 0).all() and (detached <= 1).all()) and bool(
+        torch.allclose(sums, torch.ones_like(sums), atol=1e-3)
+    ):
         warnings.warn(
             "The teacher 'logits' are all in [0, 1] and each row sums to 1: they look like probabilities "
             "(softmax already applied). kd_loss wants raw logits; pass the teacher's output before softmax.",
@@ -82,7 +88,9 @@ def soft_targets(logits: Tensor, temperature: float) -> Tensor:
     return F.softmax(logits / temperature, dim=-1)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, *, check_values: bool = True) -> Tensor:
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, *, check_values: bool = True
+) -> Tensor:
     """The soft-target loss ``T^2 * KL(p || q)``, summed over classes and averaged over the batch.
 
         kd = T^2 / B * sum_b sum_c p_bc * (log p_bc - log q_bc),

@@ -607,7 +607,9 @@ class ASLDistiller(Distiller):
             teacher_size, student_size = self.feature_sizes[name]
             self._check_size("teacher", teacher_layer, teacher_features[teacher_layer], teacher_size)
             self._check_size("student", student_layer, student_features[student_layer], student_size)
-            losses[name] = self.alpha * alignment(teacher_features[teacher_layer], student_features[student_layer])
+            losses[name] = self.alpha * alignment(
+                teacher_features[teacher_layer], student_features[student_layer]
+            )
         losses["ce_teacher"] = F.cross_entropy(teacher_logits, labels)
         losses["ce"] = F.cross_entropy(student_logits, labels)
         return student_logits, losses

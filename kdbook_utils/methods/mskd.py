@@ -85,7 +85,9 @@ def mskd_loss(
     exit (OtO: teacher exit k guides student exit k), or None (multi-exit training without a teacher).
     Returns the weighted terms ``ce_<exit>`` and ``kd_<exit>``; the training loop sums them.
     """
-    names = list(exit_names) if exit_names is not None else [f"exit{k}" for k in range(1, len(exit_logits) + 1)]
+    names = (
+        list(exit_names) if exit_names is not None else [f"exit{k}" for k in range(1, len(exit_logits) + 1)]
+    )
     if len(names) != len(exit_logits):
         raise ValueError(f"Got {len(exit_logits)} exits but {len(names)} exit names.")
     if teacher_logits is None or isinstance(teacher_logits, Tensor):
@@ -163,7 +165,9 @@ class MSKD(Distiller):
                     f"{teacher.exit_names} and the student {student.num_exits} {student.exit_names}."
                 )
         if not temperature > 0:
-            raise ValueError(f"The temperature must be positive; got {temperature!r} (T = 1 is the plain softmax).")
+            raise ValueError(
+                f"The temperature must be positive; got {temperature!r} (T = 1 is the plain softmax)."
+            )
         super().__init__(student, teacher)
         self.temperature = float(temperature)
         self.alpha = alpha
@@ -198,7 +202,9 @@ class OtO(MSKD):
         beta: float = 1.0,
         symmetric_kl: bool = False,
     ) -> None:
-        super().__init__(student, teacher, temperature, alpha, beta, one_to_one=True, symmetric_kl=symmetric_kl)
+        super().__init__(
+            student, teacher, temperature, alpha, beta, one_to_one=True, symmetric_kl=symmetric_kl
+        )
 
 
 class ExitHeadsCrossEntropy(Distiller):
@@ -269,7 +275,9 @@ class EarlyExitResult:
         return torch.bincount(self.exit_index, minlength=num_exits).double() / len(self.exit_index)
 
 
-def early_exit(exit_logits: Sequence[Tensor], threshold: float, exit_macs: Sequence[float]) -> EarlyExitResult:
+def early_exit(
+    exit_logits: Sequence[Tensor], threshold: float, exit_macs: Sequence[float]
+) -> EarlyExitResult:
     """Each image leaves at the first exit whose confidence ``max_c softmax(z_k)_c`` is ``>= threshold``.
 
     Images that no exit is sure enough about leave at the last. ``exit_macs[k]`` is what an image that

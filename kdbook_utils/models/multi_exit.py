@@ -46,7 +46,10 @@ def _check_zoo_model(model: nn.Module) -> None:
             "MultiExit needs a zoo model (an nn.Sequential of named stages with .feature_points), "
             f"e.g. create_model('resnet8', 10); got {type(model).__name__}."
         )
-    if not isinstance(getattr(model, "classifier", None), nn.Linear) or _stage_names(model)[-1] != "classifier":
+    if (
+        not isinstance(getattr(model, "classifier", None), nn.Linear)
+        or _stage_names(model)[-1] != "classifier"
+    ):
         raise TypeError(
             f"MultiExit needs the model's last stage to be an nn.Linear called 'classifier'; its stages are "
             f"{_stage_names(model)}."
