@@ -74,11 +74,21 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--accuracy-only",
+        nargs="+",
+        default=None,
+        metavar="SWITCH",
+        help="skip the speed part; compare these switches with the default on accuracy",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
+    if args.accuracy_only:
+        accuracy(args, args.accuracy_only)
+        return
     data = random_data(2048)
     rows = []
     for model_name, options in (("resnet20", {}), ("small_cnn", SMALL_CNN_FAMILY["cnn-3x16"])):
@@ -107,15 +117,22 @@ def main() -> None:
     if args.cifar is None:
         print("\n(no --cifar folder: the accuracy part is skipped)")
         return
+    accuracy(
+        args,
+        [
+            name
+            for name in SWITCHES
+            if name != "default"
+            and table[(table["switch"] == name) & (table["model"] == "resnet20")]["speed-up"].iloc[0] > 1.05
+        ],
+    )
+
+
+def accuracy(args: argparse.Namespace, paying: list[str]) -> None:
+    """Part 2: ResNet-8 on real CIFAR-10 with the default and each switch in ``paying``, paired by seed."""
     train = load_dataset("cifar10", "train", root=args.cifar, subset=5000, seed=0)
     test = load_dataset("cifar10", "test", root=args.cifar, subset=2000, seed=0)
     splits = DataSplits(train, test, test)
-    paying = [
-        name
-        for name in SWITCHES
-        if name != "default"
-        and table[(table["switch"] == name) & (table["model"] == "resnet20")]["speed-up"].iloc[0] > 1.05
-    ]
     runs = []
     for seed in range(args.seeds):
         for name in ["default", *paying]:

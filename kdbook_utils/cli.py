@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import datetime
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pandas as pd
 import torch
@@ -40,14 +39,11 @@ from kdbook_utils.data import DatasetNotFoundError, preset_data
 from kdbook_utils.errors import closest
 from kdbook_utils.experiments import (
     compare,
-    git_commit,
-    machine_description,
     read_results,
     write_results,
 )
-from kdbook_utils.lessons import LessonRunner, settings_hash
-from kdbook_utils.lessons.crosslayer import ablation_grid, unique_settings
-from kdbook_utils.lessons.records import LESSONS, preset_hash, record, results_path
+from kdbook_utils.lessons import LessonRunner, Stage
+from kdbook_utils.lessons.records import LESSONS, record, results_path, run_provenance
 from kdbook_utils.lessons.sweep import RayExecutor, RunFolder, ray_available, start_ray
 from kdbook_utils.presets import PRESETS, Preset
 from kdbook_utils.train import resolve_device
@@ -59,39 +55,7 @@ class UsageError(Exception):
     """A bad command-line argument: the message says what was given and how to fix it."""
 
 
-class Stage(NamedTuple):
-    """One step of a lesson's experiment: what it runs, the stages it needs first, and how to run it."""
-
-    description: str
-    needs: tuple[str, ...]
-    run: Callable[[Any], pd.DataFrame]  # runner -> tidy table
-
-
-STAGES: dict[str, dict[str, Stage]] = {
-    "hinton": {
-        "sweep": Stage("every (T, alpha) of the settings and the student alone, on the sweep seeds", (),
-                       lambda runner: runner.sweep()),
-        "final": Stage("the student alone and with KD at the sweep's best (T, alpha) on the validation split, "
-                       "over the seeds", ("sweep",),
-                       lambda runner: runner.headline(*runner.choose(runner.sweep()))),
-    },
-    "lsl": {
-        "sweep": Stage("LSL with each alignment weight alpha of the settings, on the first seed", (),
-                       lambda runner: runner.choose_alpha()[1]),
-        "final": Stage("student alone, Hinton KD, FSP and LSL (at the sweep's best alpha) over the seeds",
-                       ("sweep",), lambda runner: runner.comparison(runner.choose_alpha()[0])),
-    },
-    "crosslayer": {
-        "ablation": Stage("the paper's ablation tables: cross-k, the KL term, the number of teachers", (),
-                          lambda runner: runner.grid(unique_settings(ablation_grid(max_teachers=runner.settings.teachers)))),
-        "final": Stage("P1 + P2 + P3 against the student alone, over the seeds", (),
-                       lambda runner: runner.grid(runner.headline_settings())),
-    },
-    "mskd": {
-        "final": Stage("every way of training the multi-exit student, over the seeds", (),
-                       lambda runner: runner.compare_all()),
-    },
-}  # fmt: skip
+STAGES: dict[str, dict[str, Stage]] = {name: entry.runner.STAGES for name, entry in LESSONS.items()}
 """Each lesson's stages, in the order its ``record()`` runs them (a stage's rows carry its name)."""
 
 SPLIT_OF_STAGE = {"final": "test"}
@@ -340,15 +304,9 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.ray:
         done = runner.executor
         print(f"Ray: {done.trained} run(s) trained, {done.reused} read back from {done.runs.folder}.")
-    provenance = {
-        "lesson": lesson, "preset": preset.name, "preset_config": dataclasses.asdict(preset),
-        "preset_hash": preset_hash(preset), "settings": dataclasses.asdict(settings),
-        "settings_hash": settings_hash(settings), "stages": stages, "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_description(), "device": str(device), "executor": executor, "torch": torch.__version__,
-        "python": sys.version.split()[0], "wall_seconds": round(time.perf_counter() - started, 1),
-        "command": "python -m kdbook_utils " + shlex.join(argv),
-    }  # fmt: skip
+    provenance = run_provenance(lesson, preset, settings, device, time.perf_counter() - started,
+                                "python -m kdbook_utils " + shlex.join(argv), stages=stages,
+                                executor=executor)  # fmt: skip
     table_path, _ = write_results(runs, results_path(lesson, preset.name, args.out), provenance)
     if distributed.is_main_process():
         print(f"Wrote {table_path} and {table_path.with_suffix('.json').name} ({len(runs)} rows).\n")

@@ -716,6 +716,30 @@ class Comparison:
         )
 
 
+def best_on_validation(runs: pd.DataFrame, by: str | list[str], what: str) -> Any:
+    """The value of ``by`` (a column, or a tuple of columns) whose runs have the best mean validation accuracy,
+    failed runs left out: the way every lesson makes a choice, never on the test split.
+
+    If every run failed, the choice means nothing: it warns, and takes the best of the failed runs only so
+    that the lesson can run on (its tables flag those runs). ``what`` names the choice in messages."""
+    columns = [by] if isinstance(by, str) else by
+    val = runs[(runs["split"] == "val") & runs[columns].notna().all(axis=1)]
+    if val.empty:
+        raise ValueError(f"There is no run on the validation split to choose the {what} from: give the runs "
+                         "a validation split (a preset with val_size > 0).")  # fmt: skip
+    if (val["failed"] == "").any():
+        val = val[val["failed"] == ""]
+    else:
+        warnings.warn(
+            f"Every run that could choose the {what} failed (see the 'failed' column), so the choice means "
+            "nothing; the lesson runs on with the best of the failed runs. Train longer (a larger preset, "
+            "more epochs) for a real choice.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return val.groupby(by)["accuracy"].mean().idxmax()
+
+
 def compare(
     runs: pd.DataFrame,
     baseline: str,

@@ -53,6 +53,9 @@ class Preset:
     description: str
     val_size: int = 0
     """Images held out of the training split for validation (choices are made on them, never on test)."""
+    cpu_bf16: bool = False
+    """Train in bfloat16 autocast on CPUs that run it natively (``fit``'s default ``amp=None``); on other
+    CPUs, and on GPUs (which use mixed precision anyway), it changes nothing."""
 
     def __post_init__(self) -> None:
         for field in ("name", "dataset", "description"):
@@ -85,6 +88,8 @@ class Preset:
         check_int(
             "Preset val_size", self.val_size, minimum=0, fix="It is how many training images to hold out."
         )
+        if not isinstance(self.cpu_bf16, bool):
+            raise TypeError(must_be("Preset cpu_bf16", "True or False", self.cpu_bf16))
 
     def replace(self, **changes: object) -> Preset:
         """A copy with some fields changed, e.g. ``PRESET.replace(student_epochs=5)``.
@@ -138,6 +143,7 @@ PRESETS: dict[str, Preset] = {
         device="auto",
         description="a 10,000-image CIFAR-10 subset: about 15 minutes on a laptop CPU, minutes on a GPU",
         val_size=2000,
+        cpu_bf16=True,
     ),
     "paper": Preset(
         name="paper",
@@ -152,6 +158,7 @@ PRESETS: dict[str, Preset] = {
         device="auto",
         description="the papers' schedules on full CIFAR-100 / ImageNet 64x64: hours on a GPU",
         val_size=5000,
+        cpu_bf16=True,
     ),
     "smoke": Preset(
         name="smoke",

@@ -491,13 +491,28 @@ def lr_factor(
 # --------------------------------------------------------------------------------------------------------
 
 
+def cpu_runs_bfloat16_natively() -> bool:
+    """Whether this CPU has bfloat16 instructions (Intel AMX or AVX512-BF16, e.g. Xeon Sapphire Rapids or
+    AMD Zen 4). There bfloat16 autocast trains convolutions about twice as fast as float32
+    (``bench/bench_speed_switches.py``); elsewhere bfloat16 is emulated and slower than float32."""
+    checks = (
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+    )
+    return any(check is not None and bool(check()) for check in checks)
+
+
 def autocast_dtype(amp: bool | str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
     """The dtype :func:`fit` runs ``amp`` in on ``device``, or None for float32 throughout.
 
-    ``amp=None`` (the default) means mixed precision on CUDA only; True picks bfloat16 where the hardware
-    runs it natively, else float16; ``"bf16"``/``"fp16"`` (or the torch dtypes) choose; False turns it off.
+    ``amp=None`` (the default) means the preset's rule: mixed precision on CUDA, and bfloat16 on a CPU
+    when the preset asks for it (``cpu_bf16``) and the CPU runs bfloat16 natively
+    (:func:`cpu_runs_bfloat16_natively`); float32 elsewhere. True picks bfloat16 where the hardware runs
+    it natively, else float16; ``"bf16"``/``"fp16"`` (or the torch dtypes) choose; False turns it off.
     """
     if amp is None:
+        if device.type == "cpu" and get_preset().cpu_bf16 and cpu_runs_bfloat16_natively():
+            return torch.bfloat16
         amp = device.type == "cuda"
     if amp is False:
         return None
@@ -589,6 +604,7 @@ def fit(
     progress: bool = True,
     desc: str | None = None,
     grad_clip: float | None = None,
+    compile: bool = False,
 ) -> pd.DataFrame:
     """Train ``method`` (a :class:`Distiller`, or a plain model trained with cross-entropy) in place.
 
@@ -627,14 +643,18 @@ def fit(
         schedule, milestones: the learning-rate schedule; ``milestones`` only matter for ``"step"``.
         optimizer: a ready optimiser over the method's parameters; the schedule scales its learning rates.
         device: None means the device rule (:func:`resolve_device`).
-        amp: mixed precision. Default: on for CUDA (bfloat16 where the GPU supports it, else float16 with
-            a gradient scaler), off elsewhere. ``"bf16"``/``"fp16"`` choose (``"bf16"`` also on CPUs with
+        amp: mixed precision. Default (the preset's rule, :func:`autocast_dtype`): on for CUDA (bfloat16
+            where the GPU supports it, else float16 with a gradient scaler); bfloat16 on CPUs that run it
+            natively when the preset says ``cpu_bf16``; off elsewhere. ``"bf16"``/``"fp16"`` choose (``"bf16"`` also on CPUs with
             native bfloat16); False forces float32.
         channels_last: store images and convolution weights as N, H, W, C, which the CPU (oneDNN) and GPU
             (cuDNN) convolutions run faster. Default: on for CPU and CUDA, off for MPS.
         progress: show progress bars (an epoch bar and a batch bar); False for silence.
         desc: the epoch bar's label, e.g. ``"teacher resnet32"``.
         grad_clip: if set, clip the gradient norm to this value before each step.
+        compile: run each training step's forward pass (student, teacher and loss) through
+            ``torch.compile``. The first epoch pays the compilation (tens of seconds on a CPU, which also
+            needs a C++ compiler); whether it pays back is measured in ``bench/bench_speed_switches.py``.
 
     Returns:
         The history, a ``pandas.DataFrame`` with one row per completed epoch: ``epoch`` (from 1),
@@ -690,6 +710,8 @@ def fit(
                 trainer = None
                 gc.collect()
             trainer = _data_parallel(method, device, several_phases=len(phases) > 1) if spread else method
+            if compile:
+                trainer = torch.compile(trainer)
             for phase_epoch in range(phase.epochs):
                 started = time.perf_counter()
                 for group, base_lr in zip(phase_optimizer.param_groups, base_lrs):

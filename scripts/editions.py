@@ -252,10 +252,21 @@ def _bound_names(statements: Sequence[ast.stmt]) -> set[str]:
         if isinstance(statement, (ast.Import, ast.ImportFrom)):
             names |= {(alias.asname or alias.name).split(".")[0] for alias in statement.names}
             continue
-        for node in ast.walk(statement):
-            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-                names.add(node.id)
+        names |= _stored_names(statement)
     return names
+
+
+_OWN_SCOPE = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda)
+
+
+def _stored_names(node: ast.AST) -> set[str]:
+    """Names that ``node`` stores in the enclosing scope: comprehension and lambda variables stay inside
+    their own scope (only an ``:=`` in a comprehension reaches out)."""
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+        return {node.id}
+    if isinstance(node, _OWN_SCOPE):
+        return {n.target.id for n in ast.walk(node) if isinstance(n, ast.NamedExpr)}
+    return set().union(*(_stored_names(child) for child in ast.iter_child_nodes(node)))
 
 
 def _inside_function(tree: ast.Module, line: int) -> bool:

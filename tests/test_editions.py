@@ -270,6 +270,14 @@ BROKEN = {
 }
 
 
+def test_comprehension_variables_stay_in_their_scope_but_a_walrus_reaches_out() -> None:
+    region = "answer = None\n### BEGIN SOLUTION\n{}\n### END SOLUTION"
+    scoped = "answer = [t for t, s in pairs] + list(map(lambda k: k + 1, range(3)))"
+    assert editions.solution_stubs(region.format(scoped), {"pairs"})[1] == []
+    leaking = "answer = [best := t for t in pairs]"
+    assert "binds best" in editions.solution_stubs(region.format(leaking), {"pairs"})[1][0]
+
+
 @pytest.mark.parametrize("change", list(BROKEN))
 def test_bad_marking_is_refused_with_the_cell_and_the_fix(change: str) -> None:
     with pytest.raises(MarkingError, match="lesson.ipynb: the nbgrader marking") as refused:

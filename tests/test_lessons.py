@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import matplotlib
+import pandas as pd
 import pytest
 import torch
 
+from kdbook_utils.lessons.crosslayer import gram_gap, plot_gap_curve
 from kdbook_utils.lessons.hinton import (
     WHICH_LOSS_EXAMPLE,
+    HintonLesson,
     dark_knowledge_table,
     high_temperature_table,
     kd_gradient_norms,
@@ -89,3 +92,38 @@ def test_plot_soft_targets_draws_one_row_per_image() -> None:
     assert len(figure.axes[1].patches) == 2 * 10
     with pytest.raises(ValueError, match="labels"):
         plot_soft_targets(torch.randn(2, 10), torch.zeros(2, 3, 8, 8), torch.tensor([1]), list("0123456789"))
+
+
+def _sweep(val_accuracy: dict[tuple[float, float], float], failed: set[tuple[float, float]]) -> pd.DataFrame:
+    rows = [{"method": "alone", "split": "val", "T": None, "alpha": None, "accuracy": 99.0, "failed": ""}]
+    for (temperature, alpha), accuracy in val_accuracy.items():
+        note = "at chance" if (temperature, alpha) in failed else ""
+        rows.append({"method": f"KD T={temperature}", "split": "val", "T": temperature, "alpha": alpha,
+                     "accuracy": accuracy, "failed": note})  # fmt: skip
+        rows.append({**rows[-1], "split": "test", "accuracy": 100.0})  # the test split never decides
+    return pd.DataFrame(rows)
+
+
+def test_the_sweep_choice_reads_validation_accuracy_and_skips_failed_runs() -> None:
+    sweep = _sweep({(1.0, 0.5): 60.0, (4.0, 0.9): 70.0, (16.0, 0.1): 80.0}, failed={(16.0, 0.1)})
+    assert HintonLesson.choose(sweep) == (4.0, 0.9)
+
+
+def test_when_every_kd_run_failed_the_choice_warns_and_the_lesson_runs_on() -> None:
+    sweep = _sweep({(1.0, 0.5): 10.0, (4.0, 0.9): 11.0}, failed={(1.0, 0.5), (4.0, 0.9)})
+    with pytest.warns(RuntimeWarning, match="Every run that could choose the temperature and weight failed"):
+        assert HintonLesson.choose(sweep) == (4.0, 0.9)
+
+
+def test_the_gap_curve_flags_a_diverged_run_instead_of_failing() -> None:
+    pair = ("stem", "stage1")
+    teacher = {pair: torch.ones(4, 4)}
+    snapshots = [
+        {"phase": "gram", "grams": {pair: torch.zeros(4, 4)}},
+        {"phase": "task", "grams": {pair: torch.full((4, 4), 1e30)}},  # float32 overflows when squared
+    ]
+    assert gram_gap(teacher, snapshots[0]["grams"]) == pytest.approx(4.0)
+    figure = plot_gap_curve(teacher, snapshots)
+    axis = figure.axes[0]
+    assert axis.get_ylim() == pytest.approx((0.0, 4.0 * 1.15))
+    assert any("diverged" in text.get_text() for text in axis.texts)

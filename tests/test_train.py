@@ -16,8 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+import kdbook_utils.train as train_module
 from kdbook_utils.data import ImageDataset, TensorLoader
 from kdbook_utils.models import create_model
+from kdbook_utils.presets import get_preset
 from kdbook_utils.train import (
     CrossEntropy,
     Distiller,
@@ -492,3 +494,20 @@ def test_the_device_rule_follows_the_preset(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("KDBOOK_PRESET", "quick")
     assert resolve_device(None) == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_cpu_bfloat16_default_follows_the_preset_and_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_module, "cpu_runs_bfloat16_natively", lambda: True)
+    monkeypatch.setenv("KDBOOK_PRESET", "quick")  # cpu_bf16 off
+    assert train_module.autocast_dtype(None, cpu) is None
+    monkeypatch.setenv("KDBOOK_PRESET", "lab")
+    assert get_preset().cpu_bf16 == (train_module.autocast_dtype(None, cpu) is torch.bfloat16)
+    monkeypatch.setattr(train_module, "cpu_runs_bfloat16_natively", lambda: False)  # emulated: stay float32
+    assert train_module.autocast_dtype(None, cpu) is None
+    assert (
+        train_module.autocast_dtype(False, cpu) is None
+        and train_module.autocast_dtype("bf16", cpu) is torch.bfloat16
+    )
+    with pytest.raises(TypeError, match="cpu_bf16"):
+        get_preset("lab").replace(cpu_bf16="yes")

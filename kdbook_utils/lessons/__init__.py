@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import pandas as pd
 from IPython.display import Markdown
@@ -75,6 +75,14 @@ def notebook_times(notebook: str) -> Markdown:
     return Markdown("\n".join(lines + _times_rows(mine)))
 
 
+class Stage(NamedTuple):
+    """One step of a lesson's experiment: what it runs, the stages it needs first, and how to run it."""
+
+    description: str
+    needs: tuple[str, ...]
+    run: Callable[[Any], pd.DataFrame]  # runner -> tidy table of runs
+
+
 class LessonRunner:
     """What every lesson's runner shares: one entry point per student run, and tables of runs over seeds.
 
@@ -83,6 +91,9 @@ class LessonRunner:
     made, so a job met twice is trained once), and :meth:`table` runs several jobs over seeds into one tidy
     table. Because jobs are plain values, a scheduler can also send them to other processes or machines.
     """
+
+    STAGES: ClassVar[dict[str, Stage]] = {}
+    """The lesson's experiment, step by step, in the order :meth:`record` runs them."""
 
     lesson: str = ""
     progress: bool = True
@@ -101,3 +112,9 @@ class LessonRunner:
             return self.executor(self, jobs, seeds)
         methods = {label: (lambda seed, spec=spec: self.job(spec, seed)) for label, spec in jobs.items()}
         return run_seeds(methods, seeds, progress=self.progress, lesson=self.lesson)
+
+    def record(self) -> pd.DataFrame:
+        """The whole experiment for a results file: every stage, each row labelled with its stage."""
+        return pd.concat(
+            [stage.run(self).assign(stage=name) for name, stage in self.STAGES.items()], ignore_index=True
+        )

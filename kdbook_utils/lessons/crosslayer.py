@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -25,7 +27,7 @@ from kdbook_utils.experiments import (
     train_student,
 )
 from kdbook_utils.features import FeatureExtractor, eval_mode
-from kdbook_utils.lessons import LessonRunner
+from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.methods.crosslayer import CrossLayerDistiller, Pair, cross_layer_pairs, fsp_matrices
 from kdbook_utils.models import create_model
 from kdbook_utils.plots import DPI, heatmap_grid
@@ -65,9 +67,9 @@ SETTINGS: dict[str, CrossLayerLesson] = {
         seeds=(0, 1, 2, 3, 4), chain={"base_width": 8, "teacher_epochs": 6, "adapter_epochs": 3},
     ),
     "lab": CrossLayerLesson(
-        image_size=32, teacher="resnet32w", student="resnet8w", width=0.5, teachers=3, teacher_epochs=15,
-        student_images=None, gram_epochs=5, task_epochs=15, lr=0.05, gram_lr=0.01, batch_size=128, augment=True,
-        seeds=(0, 1, 2), chain={"base_width": 16, "teacher_epochs": 15, "adapter_epochs": 3},
+        image_size=32, teacher="resnet32w", student="resnet8w", width=0.25, teachers=3, teacher_epochs=15,
+        student_images=2000, gram_epochs=5, task_epochs=15, lr=0.05, gram_lr=0.01, batch_size=128, augment=False,
+        seeds=(0, 1, 2), chain={"base_width": 8, "teacher_epochs": 8, "adapter_epochs": 3},
     ),
     "paper": CrossLayerLesson(
         image_size=32, teacher="resnet32w", student="resnet8w", width=1.0, teachers=3, teacher_epochs=240,
@@ -248,21 +250,26 @@ def plot_gap_curve(teacher_grams: Mapping[Pair, Tensor], snapshots: Sequence[Map
         xs.append(index)
         gaps.append(gram_gap(teacher_grams, snapshot["grams"]))
         phases.append(snapshot["phase"])
-    ax.plot(xs, gaps, marker="o")
+    finite = [gap for gap in gaps if math.isfinite(gap)]
+    top = max(finite, default=1.0)
+    ax.plot(xs, [gap if math.isfinite(gap) else float("nan") for gap in gaps], marker="o")
+    if len(finite) < len(gaps):  # a run whose matrices overflowed: say so on the figure, plot what is left
+        ax.annotate(
+            "the gap overflowed at the missing points:\nthis run diverged, so read no trend into it",
+            (0.98, 0.5), xycoords="axes fraction", ha="right", va="center", color="tab:red", fontsize="small",
+        )  # fmt: skip
     switch = next((i for i, phase in enumerate(phases) if phase == "task"), None)
     if switch is not None and switch > 0:
         ax.axvline(switch, color="grey", linestyle="--")
-        ax.annotate(
-            "phase A: Gram loss only", (switch / 2, max(gaps)), ha="center", va="top", fontsize="small"
-        )
+        ax.annotate("phase A: Gram loss only", (switch / 2, top), ha="center", va="top", fontsize="small")
         ax.annotate(
             "phase B: CE + KL",
-            ((switch + len(xs) - 1) / 2, max(gaps)),
+            ((switch + len(xs) - 1) / 2, top),
             ha="center",
             va="top",
             fontsize="small",
         )
-    ax.set_ylim(0, max(gaps) * 1.15)
+    ax.set_ylim(0, top * 1.15)
     ax.set_xlabel("epochs trained")
     ax.set_ylabel("Gram gap to the teachers\n(relative, summed over pairs)")
     ax.set_title("The student's Gram gap to the teachers, epoch by epoch", fontsize="medium")
@@ -281,6 +288,13 @@ class CrossLayerRunner(LessonRunner):
     ``runs`` keeps every student trained so far under ``(setting label, seed)``: a setting that appears in
     several tables is trained once per seed.
     """
+
+    STAGES: ClassVar[dict[str, Stage]] = {
+        "ablation": Stage("the paper's ablation tables: cross-k, the KL term, the number of teachers", (),
+                          lambda runner: runner.grid(unique_settings(ablation_grid(max_teachers=runner.settings.teachers)))),
+        "final": Stage("P1 + P2 + P3 against the student alone, over the seeds", (),
+                       lambda runner: runner.grid(runner.headline_settings())),
+    }  # fmt: skip
 
     preset: Preset
     settings: CrossLayerLesson
@@ -369,13 +383,6 @@ class CrossLayerRunner(LessonRunner):
 
     def headline_settings(self) -> list[Ablation]:
         return [STUDENT_ALONE, P1_P2_P3.replace(num_teachers=self.settings.teachers)]
-
-    def record(self) -> pd.DataFrame:
-        """The ablation tables, then the headline (P1 + P2 + P3 against the student alone)."""
-        groups = ablation_grid(max_teachers=self.settings.teachers)
-        ablations = self.grid(unique_settings(groups)).assign(stage="ablation")
-        final = self.grid(self.headline_settings()).assign(stage="final")
-        return pd.concat([ablations, final], ignore_index=True)
 
     def chain(self) -> tuple[pd.DataFrame, dict[str, float]]:
         """Tables 19-20: ResNet-50 -> ResNet-10 through 1x1 adapters, and ResNet-50 -> ResNet-18 -> ResNet-10.

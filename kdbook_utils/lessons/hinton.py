@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -14,8 +15,14 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from kdbook_utils.data import DataSplits
-from kdbook_utils.experiments import StudentRun, TeacherOutputCache, cached_teacher, train_student
-from kdbook_utils.lessons import LessonRunner
+from kdbook_utils.experiments import (
+    StudentRun,
+    TeacherOutputCache,
+    best_on_validation,
+    cached_teacher,
+    train_student,
+)
+from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.methods.hinton import (
     HintonKD,
     KDLossFunction,
@@ -63,7 +70,7 @@ SETTINGS: dict[str, HintonSettings] = {
         students=("cnn-1x8", "cnn-2x8", "cnn-2x16", "cnn-3x16"),
     ),
     "lab": HintonSettings(
-        teacher="resnet20", teacher_epochs=15, student="cnn-3x16", student_images=None, epochs=15, batch_size=128,
+        teacher="resnet20", teacher_epochs=30, student="cnn-3x16", student_images=None, epochs=15, batch_size=128,
         lr=0.05, temperatures=(1.0, 4.0, 16.0), alphas=(0.1, 0.5, 0.9), sweep_seeds=(0,), seeds=(0, 1, 2),
         students=("cnn-1x8", "cnn-2x16", "cnn-3x16"),
     ),
@@ -96,6 +103,13 @@ class HintonLesson(LessonRunner):
     ``runs`` keeps every student trained so far under ``(name, seed)``, so a configuration that appears in
     several steps (the sweep's best setting in the final comparison, say) is trained once.
     """
+
+    STAGES: ClassVar[dict[str, Stage]] = {
+        "sweep": Stage("every (T, alpha) of the settings and the student alone, on the sweep seeds", (),
+                       lambda runner: runner.sweep()),
+        "final": Stage("the student alone and with KD at the sweep's best (T, alpha) on the validation split, "
+                       "over the seeds", ("sweep",), lambda runner: runner.headline(*runner.choose(runner.sweep()))),
+    }  # fmt: skip
 
     preset: Preset
     settings: HintonSettings
@@ -184,11 +198,8 @@ class HintonLesson(LessonRunner):
 
     @staticmethod
     def choose(sweep: pd.DataFrame) -> tuple[float, float]:
-        """The (T, alpha) with the best mean *validation* accuracy (failed runs left out)."""
-        kd = sweep[(sweep["split"] == "val") & sweep["T"].notna() & (sweep["failed"] == "")]
-        if kd.empty:
-            raise RuntimeError("Every KD run of the sweep failed; there is no setting to choose.")
-        best = kd.groupby(["T", "alpha"])["accuracy"].mean().idxmax()
+        """The (T, alpha) with the best mean *validation* accuracy (:func:`best_on_validation`)."""
+        best = best_on_validation(sweep, ["T", "alpha"], "temperature and weight")
         return float(best[0]), float(best[1])
 
     def headline(self, temperature: float, alpha: float) -> pd.DataFrame:
@@ -210,13 +221,6 @@ class HintonLesson(LessonRunner):
                 rows.append({"student": student, "parameters": parameters, "kd": kd,
                              "accuracy": float(run.accuracy["val"]["final"]), "failed": run.failed})  # fmt: skip
         return pd.DataFrame(rows)
-
-    def record(self) -> pd.DataFrame:
-        """The whole experiment for the results file: the sweep, then the final comparison."""
-        sweep = self.sweep()
-        temperature, alpha = self.choose(sweep)
-        return pd.concat([sweep.assign(stage="sweep"), self.headline(temperature, alpha).assign(stage="final")],
-                         ignore_index=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -11,9 +12,15 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from kdbook_utils.data import DataSplits, ImageDataset
-from kdbook_utils.experiments import StudentRun, TeacherOutputCache, cached_teacher, train_student
+from kdbook_utils.experiments import (
+    StudentRun,
+    TeacherOutputCache,
+    best_on_validation,
+    cached_teacher,
+    train_student,
+)
 from kdbook_utils.features import layer_table
-from kdbook_utils.lessons import LessonRunner
+from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.methods.crosslayer import CrossLayerDistiller
 from kdbook_utils.methods.hinton import HintonKD
 from kdbook_utils.methods.lsl import PAPER_BINDINGS, ASLDistiller, Binding, LayerGrams
@@ -45,7 +52,7 @@ SETTINGS: dict[str, LSLLesson] = {
                        teacher_epochs=8, student_images=100, epochs=40, batch_size=16, lr=0.01,
                        projection_dim=256, reduction="mean", alphas=(0.1, 0.3, 1.0), seeds=(0, 1, 2)),
     "lab": LSLLesson(teacher="alexnet_lsl_teacher_quarter", student="alexnet_lsl_student_quarter",
-                     teacher_epochs=15, student_images=1000, epochs=30, batch_size=32, lr=0.02,
+                     teacher_epochs=30, student_images=1000, epochs=30, batch_size=32, lr=0.02,
                      projection_dim=2048, reduction="mean", alphas=(0.1, 0.3, 1.0), seeds=(0, 1, 2)),
     "paper": LSLLesson(teacher="alexnet_lsl_teacher", student="alexnet_lsl_student", teacher_epochs=100,
                        student_images=None, epochs=100, batch_size=32, lr=0.02, projection_dim=2048,
@@ -188,6 +195,13 @@ def binding_label(bindings: Sequence[Binding]) -> str:
 class LSLRunner(LessonRunner):
     """What lesson 2 runs, written once for the notebook, the results recorder and the command line."""
 
+    STAGES: ClassVar[dict[str, Stage]] = {
+        "sweep": Stage("LSL with each alignment weight alpha of the settings, on the first seed", (),
+                       lambda runner: runner.choose_alpha()[1]),
+        "final": Stage("student alone, Hinton KD, FSP and LSL (at the sweep's best alpha) over the seeds",
+                       ("sweep",), lambda runner: runner.comparison(runner.choose_alpha()[0])),
+    }  # fmt: skip
+
     preset: Preset
     settings: LSLLesson
     splits: DataSplits  # train cut to the students' images
@@ -267,10 +281,7 @@ class LSLRunner(LessonRunner):
         """The alignment weight with the best mean validation accuracy (the paper's bindings, the first seed)."""
         jobs = {f"LSL (alpha={a:g})": {"method": LSL, "alpha": a} for a in self.settings.alphas}
         runs = self.table(jobs, self.settings.seeds[:1])
-        val = runs[(runs["split"] == "val") & (runs["failed"] == "")]
-        if val.empty:
-            raise RuntimeError("Every LSL run of the alpha sweep failed; there is no weight to choose.")
-        best = val.groupby("method")["accuracy"].mean().idxmax()
+        best = best_on_validation(runs, "method", "alignment weight")
         return float(jobs[best]["alpha"]), runs
 
     def bindings(self, tables: Sequence[Sequence[Binding]], alpha: float) -> pd.DataFrame:
@@ -285,11 +296,6 @@ class LSLRunner(LessonRunner):
         """The paper's Table 8: the four methods over the seeds."""
         return self.table({name: {"method": name, "alpha": alpha} for name in (ALONE, HINTON, FSP, LSL)},
                           self.settings.seeds)  # fmt: skip
-
-    def record(self) -> pd.DataFrame:
-        alpha, sweep = self.choose_alpha()
-        final = self.comparison(alpha)
-        return pd.concat([sweep.assign(stage="sweep"), final.assign(stage="final")], ignore_index=True)
 
 
 def lsp_with_paper(table: pd.DataFrame, role: str, count: int = 3) -> pd.DataFrame:

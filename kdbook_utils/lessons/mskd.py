@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -19,7 +20,7 @@ from kdbook_utils.experiments import (
     cached_teacher_exits,
     train_student,
 )
-from kdbook_utils.lessons import LessonRunner
+from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.methods.mskd import MSKD, MultiExitCrossEntropy, OtO
 from kdbook_utils.models import create_model
 from kdbook_utils.models.multi_exit import FINAL_EXIT, MultiExit
@@ -54,7 +55,8 @@ SETTINGS: dict[str, MSKDLesson] = {
     "quick": MSKDLesson(image_size=16, teacher="resnet20", student="resnet8", student_images=360,
                         teacher_epochs=8, head_epochs=2, epochs=10, batch_size=64, seeds=(0, 1, 2, 3, 4)),
     "lab": MSKDLesson(image_size=32, teacher="resnet18_cifar", student="resnet10_cifar",
-                      teacher_options={"base_width": 32}, student_options={"base_width": 16}, teacher_epochs=15,
+                      teacher_options={"base_width": 32}, student_options={"base_width": 16}, student_images=2500,
+                      teacher_epochs=15,
                       head_epochs=5, epochs=15, batch_size=128, seeds=(0, 1, 2)),
     "paper": MSKDLesson(image_size=32, teacher="vgg13", student="vgg8", teacher_epochs=240, head_epochs=100,
                         epochs=240, batch_size=64, seeds=(0, 1, 2)),
@@ -312,6 +314,11 @@ extra exit): Hinton KD with MSKD's teacher, temperature, weights and epochs, the
 class MSKDRunner(LessonRunner):
     """What lesson 4 runs, written once for the notebook, the results recorder and the command line."""
 
+    STAGES: ClassVar[dict[str, Stage]] = {
+        "final": Stage("every way of training the multi-exit student, over the seeds", (),
+                       lambda runner: runner.compare_all()),
+    }  # fmt: skip
+
     preset: Preset
     settings: MSKDLesson
     splits: DataSplits  # at the lesson's image size; train cut to the students' images
@@ -402,6 +409,3 @@ class MSKDRunner(LessonRunner):
     def compare_all(self, methods: Sequence[str] = METHODS) -> pd.DataFrame:
         """Every method over the lesson's seeds: one tidy table (a row per exit and the ensemble)."""
         return self.table({name: {"method": name} for name in methods}, self.settings.seeds)
-
-    def record(self) -> pd.DataFrame:
-        return self.compare_all().assign(stage="final")

@@ -80,6 +80,21 @@ def preset_hash(preset: Preset) -> str:
     return recipe_hash(dataclasses.asdict(preset))
 
 
+def run_provenance(
+    lesson: str, preset: Preset, settings: Any, device: Any, wall_seconds: float, command: str, **extra: Any
+) -> dict[str, Any]:
+    """Where a results file came from: the commit, the preset and the lesson's settings with their hashes,
+    the date, the machine, the device, torch and Python, the wall time and the command that regenerates it."""
+    return {
+        "lesson": lesson, "preset": preset.name, "preset_config": dataclasses.asdict(preset),
+        "preset_hash": preset_hash(preset), "settings": dataclasses.asdict(settings),
+        "settings_hash": settings_hash(settings), "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_description(), "device": str(device), "torch": torch.__version__,
+        "python": sys.version.split()[0], "wall_seconds": round(wall_seconds, 1), "command": command, **extra,
+    }  # fmt: skip
+
+
 def record(
     lesson: str,
     preset: str | Preset = "lab",
@@ -100,15 +115,8 @@ def record(
     runner = entry.runner.prepare(preset, splits, device=device, progress=progress, settings=settings)
     runs = runner.record()
     wall = time.perf_counter() - started
-    provenance = {
-        "lesson": lesson, "preset": preset.name, "preset_config": dataclasses.asdict(preset),
-        "preset_hash": preset_hash(preset), "settings": dataclasses.asdict(settings),
-        "settings_hash": settings_hash(settings), "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_description(), "device": str(device), "torch": torch.__version__,
-        "python": sys.version.split()[0], "wall_seconds": round(wall, 1),
-        "command": f"python -m kdbook_utils record {lesson} --preset {preset.name}",
-    }  # fmt: skip
+    provenance = run_provenance(lesson, preset, settings, device, wall,
+                                f"python -m kdbook_utils record {lesson} --preset {preset.name}")  # fmt: skip
     table_path, _ = write_results(runs, results_path(lesson, preset.name, folder), provenance)
     return table_path
 
