@@ -45,8 +45,8 @@ from kdbook_utils.experiments import (
 from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.lessons.records import LESSONS, record, results_path, run_provenance
 from kdbook_utils.lessons.sweep import RayExecutor, RunFolder, ray_available, start_ray
-from kdbook_utils.presets import PRESETS, Preset
-from kdbook_utils.train import resolve_device
+from kdbook_utils.presets import PRESETS, Preset, active_preset
+from kdbook_utils.train import autocast_dtype, resolve_device
 
 __all__ = ["STAGES", "Stage", "main"]
 
@@ -268,45 +268,47 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(
             '--ray needs Ray, which is not installed: pip install "kdbook-utils[scale]" (or pip install ray).'
         )
-    device = _device(args.device, preset)
-    if spread:
-        distributed.init(device)
-    progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
-    started = time.perf_counter()
-    try:
-        splits = preset_data(preset, root=root)
-    except DatasetNotFoundError as error:
-        raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
-    entry = LESSONS[lesson]
-    runner: LessonRunner = entry.runner.prepare(
-        preset, splits, device=device, progress=progress, settings=settings
-    )
-    executor = "one process, one run after the other"
-    if spread:
-        executor = f"torchrun, {distributed.world_size()} processes"
-    if args.ray:
-        gpus = (
-            args.gpus_per_run
-            if args.gpus_per_run is not None
-            else (1.0 if torch.cuda.is_available() else 0.0)
+    with active_preset(preset):  # fit's device and precision rules follow the preset run
+        device = _device(args.device, preset)
+        if spread:
+            distributed.init(device)
+        progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
+        started = time.perf_counter()
+        try:
+            splits = preset_data(preset, root=root)
+        except DatasetNotFoundError as error:
+            raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
+        entry = LESSONS[lesson]
+        runner: LessonRunner = entry.runner.prepare(
+            preset, splits, device=device, progress=progress, settings=settings
         )
-        start_ray(args.ray_address, num_cpus=args.ray_cpus)
-        runner.executor = RayExecutor(RunFolder(args.out / ".runs" / preset.name / lesson), lesson, preset, settings,
-                                      root=root, device=args.device or preset.device, num_cpus=args.cpus_per_run,
-                                      num_gpus=gpus, progress=progress)  # fmt: skip
-        executor = f"Ray, {args.cpus_per_run:g} CPU and {gpus:g} GPU per run"
-    if args.stage:
-        runs = pd.concat(
-            [STAGES[lesson][stage].run(runner).assign(stage=stage) for stage in stages], ignore_index=True
-        )
-    else:
-        runs = runner.record()
-    if args.ray:
-        done = runner.executor
-        print(f"Ray: {done.trained} run(s) trained, {done.reused} read back from {done.runs.folder}.")
+        executor = "one process, one run after the other"
+        if spread:
+            executor = f"torchrun, {distributed.world_size()} processes"
+        if args.ray:
+            gpus = (
+                args.gpus_per_run
+                if args.gpus_per_run is not None
+                else (1.0 if torch.cuda.is_available() else 0.0)
+            )
+            start_ray(args.ray_address, num_cpus=args.ray_cpus)
+            runner.executor = RayExecutor(RunFolder(args.out / ".runs" / preset.name / lesson), lesson, preset, settings,
+                                          root=root, device=args.device or preset.device, num_cpus=args.cpus_per_run,
+                                          num_gpus=gpus, progress=progress)  # fmt: skip
+            executor = f"Ray, {args.cpus_per_run:g} CPU and {gpus:g} GPU per run"
+        if args.stage:
+            runs = pd.concat(
+                [STAGES[lesson][stage].run(runner).assign(stage=stage) for stage in stages], ignore_index=True
+            )
+        else:
+            runs = runner.record()
+        precision = str(autocast_dtype(None, device) or torch.float32).removeprefix("torch.")
+        if args.ray:
+            done = runner.executor
+            print(f"Ray: {done.trained} run(s) trained, {done.reused} read back from {done.runs.folder}.")
     provenance = run_provenance(lesson, preset, settings, device, time.perf_counter() - started,
                                 "python -m kdbook_utils " + shlex.join(argv), stages=stages,
-                                executor=executor)  # fmt: skip
+                                executor=executor, precision=precision)  # fmt: skip
     table_path, _ = write_results(runs, results_path(lesson, preset.name, args.out), provenance)
     if distributed.is_main_process():
         print(f"Wrote {table_path} and {table_path.with_suffix('.json').name} ({len(runs)} rows).\n")

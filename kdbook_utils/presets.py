@@ -18,8 +18,10 @@ The measured running time of every notebook under each preset is recorded in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kdbook_utils.errors import check_int, check_keywords, check_number, closest, must_be
@@ -177,8 +179,28 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+_ACTIVE: list[Preset] = []
+
+
+@contextlib.contextmanager
+def active_preset(preset: Preset) -> Iterator[Preset]:
+    """Make ``preset`` the current one while the block runs: what ``get_preset()`` returns, and so what the
+    device and precision rules of :func:`~kdbook_utils.train.fit` follow. The command line runs each lesson
+    inside one, as a notebook runs inside ``$KDBOOK_PRESET``."""
+    if not isinstance(preset, Preset):
+        raise TypeError(must_be("active_preset's preset", "a Preset (e.g. get_preset('lab'))", preset))
+    _ACTIVE.append(preset)
+    try:
+        yield preset
+    finally:
+        _ACTIVE.pop()
+
+
 def get_preset(name: str | None = None) -> Preset:
-    """Return the preset called ``name``, or the one named by ``$KDBOOK_PRESET`` (default ``quick``)."""
+    """Return the preset called ``name``; without a name, the current one: the innermost
+    :func:`active_preset`, else the one named by ``$KDBOOK_PRESET`` (default ``quick``)."""
+    if name is None and _ACTIVE:
+        return _ACTIVE[-1]
     chosen = name if name is not None else os.environ.get(PRESET_ENV_VAR, "quick")
     if not isinstance(chosen, str):
         raise TypeError(

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 import kdbook_utils.train as train_module
 from kdbook_utils.data import ImageDataset, TensorLoader
 from kdbook_utils.models import create_model
-from kdbook_utils.presets import get_preset
+from kdbook_utils.presets import active_preset, get_preset
 from kdbook_utils.train import (
     CrossEntropy,
     Distiller,
@@ -511,3 +511,19 @@ def test_cpu_bfloat16_default_follows_the_preset_and_the_cpu(monkeypatch: pytest
     )
     with pytest.raises(TypeError, match="cpu_bf16"):
         get_preset("lab").replace(cpu_bf16="yes")
+
+
+def test_an_active_preset_is_the_current_one_for_the_rules_of_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_module, "cpu_runs_bfloat16_natively", lambda: True)
+    monkeypatch.setenv("KDBOOK_PRESET", "quick")
+    lab = get_preset("lab")
+    with active_preset(lab):
+        assert get_preset() is lab and get_preset("quick").name == "quick"  # a name still wins
+        assert train_module.autocast_dtype(None, cpu) is torch.bfloat16
+        with active_preset(lab.replace(cpu_bf16=False)):
+            assert train_module.autocast_dtype(None, cpu) is None
+        assert get_preset() is lab
+    assert get_preset().name == "quick" and train_module.autocast_dtype(None, cpu) is None
+    with pytest.raises(TypeError, match="a Preset"), active_preset("lab"):  # type: ignore[arg-type]
+        pass

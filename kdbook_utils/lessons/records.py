@@ -35,8 +35,8 @@ from kdbook_utils.experiments import (
     write_results,
 )
 from kdbook_utils.lessons import RESULTS, crosslayer, hinton, lsl, mskd, settings_hash
-from kdbook_utils.presets import Preset, get_preset
-from kdbook_utils.train import DeviceLike, resolve_device
+from kdbook_utils.presets import Preset, active_preset, get_preset
+from kdbook_utils.train import DeviceLike, autocast_dtype, resolve_device
 
 
 @dataclass(frozen=True)
@@ -109,14 +109,17 @@ def record(
     entry = lesson_entry(lesson)
     preset = get_preset(preset) if isinstance(preset, str) else preset
     settings = settings or entry.settings[preset.name]
-    device = resolve_device(device)
-    started = time.perf_counter()
-    splits = preset_data(preset, root=root)
-    runner = entry.runner.prepare(preset, splits, device=device, progress=progress, settings=settings)
-    runs = runner.record()
-    wall = time.perf_counter() - started
+    with active_preset(preset):  # fit's device and precision rules follow the preset recorded
+        device = resolve_device(device)
+        started = time.perf_counter()
+        splits = preset_data(preset, root=root)
+        runner = entry.runner.prepare(preset, splits, device=device, progress=progress, settings=settings)
+        runs = runner.record()
+        wall = time.perf_counter() - started
+        precision = str(autocast_dtype(None, device) or torch.float32).removeprefix("torch.")
     provenance = run_provenance(lesson, preset, settings, device, wall,
-                                f"python -m kdbook_utils record {lesson} --preset {preset.name}")  # fmt: skip
+                                f"python -m kdbook_utils record {lesson} --preset {preset.name}",
+                                precision=precision)  # fmt: skip
     table_path, _ = write_results(runs, results_path(lesson, preset.name, folder), provenance)
     return table_path
 
