@@ -77,7 +77,8 @@ def results_path(lesson: str, preset: str = "lab", folder: Path | None = None) -
 
 
 def preset_hash(preset: Preset) -> str:
-    return recipe_hash(dataclasses.asdict(preset))
+    """A short hash of what a preset runs (every field but its prose description)."""
+    return recipe_hash({k: v for k, v in dataclasses.asdict(preset).items() if k != "description"})
 
 
 def run_provenance(
