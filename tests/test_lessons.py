@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 import pandas as pd
 import pytest
@@ -127,3 +129,32 @@ def test_the_gap_curve_flags_a_diverged_run_instead_of_failing() -> None:
     axis = figure.axes[0]
     assert axis.get_ylim() == pytest.approx((0.0, 4.0 * 1.15))
     assert any("diverged" in text.get_text() for text in axis.texts)
+
+
+def test_the_book_tables_of_times_are_rendered_from_the_recorded_files(tmp_path, monkeypatch) -> None:
+    from kdbook_utils import lessons
+
+    monkeypatch.setattr(lessons, "RESULTS", tmp_path)
+    assert "No running times recorded yet" in lessons.timings_markdown()
+    assert "No experiments recorded yet" in lessons.recordings_markdown()
+    pd.DataFrame([{"notebook": "01_hinton_kd", "preset": "lab", "cached": True, "machine": "m", "date": "d",
+                   "seconds": 754.0}]).to_csv(tmp_path / "timings.csv", index=False)  # fmt: skip
+    (tmp_path / "lab").mkdir()
+    provenance = {
+        "lesson": "hinton",
+        "preset": "lab",
+        "machine": "m",
+        "device": "cpu",
+        "precision": "bfloat16",
+        "date": "2026-12-02 01:00 UTC",
+        "wall_seconds": 1500.0,
+        "command": "python -m kdbook_utils",
+    }
+    (tmp_path / "lab" / "hinton.json").write_text(json.dumps(provenance))
+    text = lessons.write_timings_markdown(tmp_path / "times.md").read_text()
+    assert "| `01_hinton_kd` | `lab` | already cached | m | d | 12.6 min |" in text
+    assert "| hinton | `lab` | m, `cpu`, bfloat16 | 2026-12-02 | 25 min |" in text
+    assert (
+        "**" not in lessons.notebook_times("01_hinton_kd").data
+        and "12.6 min" in lessons.notebook_times("01_hinton_kd").data
+    )

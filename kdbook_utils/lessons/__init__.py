@@ -10,6 +10,7 @@ time of every notebook (:func:`notebook_times`).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -50,11 +51,34 @@ def timings_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def recordings_markdown() -> str:
+    """How long each recorded experiment took (``results/<preset>/<lesson>.json``), as a Markdown table:
+    the lesson's whole experiment from the command line, its teachers trained in the same run."""
+    rows = []
+    for path in sorted(RESULTS.glob("*/*.json")):
+        provenance = json.loads(path.read_text())
+        rows.append(f"| {provenance['lesson']} | `{provenance['preset']}` | {provenance['machine']}, "
+                    f"`{provenance['device']}`, {provenance.get('precision', 'float32')} | {provenance['date'][:10]} "
+                    f"| {provenance['wall_seconds'] / 60:.0f} min | `{provenance['command']}` |")  # fmt: skip
+    if not rows:
+        return "*No experiments recorded yet.*\n"
+    header = [
+        "| lesson | preset | machine, device, precision | measured | time | command |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + rows) + "\n"
+
+
 def write_timings_markdown(path: str | Path) -> Path:
-    """Write :func:`timings_markdown` to ``path`` (the book's build does this before building)."""
+    """Write :func:`timings_markdown` and :func:`recordings_markdown` to ``path`` (the book's build does this
+    before building)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(timings_markdown())
+    target.write_text(
+        timings_markdown()
+        + "\nThe recorded results that every lesson shows, each a whole experiment run from the command line "
+        "with its teachers trained in the same run:\n\n" + recordings_markdown()
+    )
     return target
 
 

@@ -143,6 +143,11 @@ def check_recorded(lesson: str, preset: str = "lab", folder: Path | None = None)
     return runs, provenance
 
 
+def _settings_line(settings: dict[str, Any]) -> str:
+    shown = [f"`{key}={value}`" for key, value in settings.items() if len(str(value)) <= 40]
+    return ", ".join(shown) or "-"
+
+
 def recorded_comparison(lesson: str, baseline: str | None = None, *, preset: str = "lab", output: str | None = None,
                         folder: Path | None = None) -> None:  # fmt: skip
     """Show a lesson's recorded results in a notebook: provenance, then the paired comparison of its final
@@ -161,7 +166,8 @@ def recorded_comparison(lesson: str, baseline: str | None = None, *, preset: str
         Markdown(
             f"Recorded with preset `{provenance['preset']}` on {provenance['date']} ({provenance['machine']}, "
             f"device `{provenance['device']}`, torch {provenance['torch']}), commit `{provenance['commit'][:12]}`, in "
-            f"{minutes:.0f} minutes. Regenerate with `{provenance['command']}`."
+            f"{minutes:.0f} minutes. Regenerate with `{provenance['command']}`.\n\nThe lesson's `{provenance['preset']}` "
+            f"settings: {_settings_line(provenance.get('settings', {}))}."
         )
     )
     display(comparison.table[["mean", "std", "seeds", "difference", "ci_low", "ci_high", "verdict"]]
