@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="one run with the cache in $KDBOOK_CACHE, whose teachers are already trained",
     )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="also write the executed notebooks to this folder"
+    )
     args = parser.parse_args(argv)
     paths = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("*.ipynb"))
     executor = load_executor()
@@ -84,10 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = []
                 for path in paths:  # in order: notebook 00 trains the teacher lesson 1 loads
                     started = time.perf_counter()
-                    executor.execute_notebook(
+                    executed = executor.execute_notebook(
                         path, kernel_name=kernel, timeout=executor.DEFAULT_TIMEOUT_S * 4
                     )
                     seconds = time.perf_counter() - started
+                    if args.keep:
+                        args.keep.mkdir(parents=True, exist_ok=True)
+                        nbformat.write(executed, args.keep / path.name)
                     print(
                         f"{path.name}: {seconds:.0f} s ({'cached' if cached else 'empty cache'})", flush=True
                     )
