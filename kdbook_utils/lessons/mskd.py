@@ -57,7 +57,7 @@ SETTINGS: dict[str, MSKDLesson] = {
     "lab": MSKDLesson(image_size=32, teacher="resnet18_cifar", student="resnet10_cifar",
                       teacher_options={"base_width": 32}, student_options={"base_width": 16}, student_images=2500,
                       teacher_epochs=15,
-                      head_epochs=5, epochs=15, batch_size=128, seeds=(0, 1, 2)),
+                      head_epochs=5, epochs=10, batch_size=128, seeds=(0, 1, 2)),
     "paper": MSKDLesson(image_size=32, teacher="vgg13", student="vgg8", teacher_epochs=240, head_epochs=100,
                         epochs=240, batch_size=64, seeds=(0, 1, 2)),
     "smoke": MSKDLesson(image_size=16, teacher="resnet8", student="resnet8", student_images=60, teacher_epochs=1,
