@@ -153,7 +153,7 @@ def test_the_book_tables_of_times_are_rendered_from_the_recorded_files(tmp_path,
     (tmp_path / "lab" / "hinton.json").write_text(json.dumps(provenance))
     text = lessons.write_timings_markdown(tmp_path / "times.md").read_text()
     assert "| `01_hinton_kd` | `lab` | already cached | m | d | 12.6 min |" in text
-    assert "| hinton | `lab` | m, `cpu`, bfloat16 | 2026-12-02 | 25 min |" in text
+    assert "| hinton | `lab` | ? | m, `cpu`, bfloat16 | 2026-12-02 | 25 min |" in text
     assert (
         "**" not in lessons.notebook_times("01_hinton_kd").data
         and "12.6 min" in lessons.notebook_times("01_hinton_kd").data

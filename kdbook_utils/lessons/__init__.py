@@ -57,7 +57,9 @@ def recordings_markdown() -> str:
     rows = []
     for path in sorted(RESULTS.glob("*/*.json")):
         provenance = json.loads(path.read_text())
-        rows.append(f"| {provenance['lesson']} | `{provenance['preset']}` | {provenance['machine']}, "
+        trained = provenance.get("models_trained")
+        teachers = "?" if trained is None else "trained in the run" if trained else "from the cache"
+        rows.append(f"| {provenance['lesson']} | `{provenance['preset']}` | {teachers} | {provenance['machine']}, "
                     f"`{provenance['device']}`, {provenance.get('precision', 'float32')} | {provenance['date'][:10]} "
                     f"| {provenance['wall_seconds'] / 60:.0f} min | `{provenance['command']}` |")  # fmt: skip
     if not rows:
@@ -77,7 +79,8 @@ def write_timings_markdown(path: str | Path) -> Path:
     target.write_text(
         timings_markdown()
         + "\nThe recorded results that every lesson shows, each a whole experiment run from the command line "
-        "with its teachers trained in the same run:\n\n" + recordings_markdown()
+        "(`?`: the record does not say whether its teachers were trained in the run):\n\n"
+        + recordings_markdown()
     )
     return target
 

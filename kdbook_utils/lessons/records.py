@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
+from kdbook_utils.checkpoints import cache_dir
 from kdbook_utils.data import preset_data
 from kdbook_utils.experiments import (
     compare,
@@ -110,6 +111,8 @@ def record(
     entry = lesson_entry(lesson)
     preset = get_preset(preset) if isinstance(preset, str) else preset
     settings = settings or entry.settings[preset.name]
+    models = cache_dir() / "models"
+    cached_before = set(models.glob("*.pt"))
     with active_preset(preset):  # fit's device and precision rules follow the preset recorded
         device = resolve_device(device)
         started = time.perf_counter()
@@ -120,7 +123,9 @@ def record(
         precision = str(autocast_dtype(None, device) or torch.float32).removeprefix("torch.")
     provenance = run_provenance(lesson, preset, settings, device, wall,
                                 f"python -m kdbook_utils record {lesson} --preset {preset.name}",
-                                precision=precision)  # fmt: skip
+                                precision=precision,
+                                models_trained=sorted(p.stem for p in set(models.glob("*.pt")) - cached_before),
+                                models_from_cache=sorted(p.stem for p in cached_before))  # fmt: skip
     table_path, _ = write_results(runs, results_path(lesson, preset.name, folder), provenance)
     return table_path
 
