@@ -154,18 +154,22 @@ def _settings_line(settings: dict[str, Any]) -> str:
 
 
 def recorded_comparison(lesson: str, baseline: str | None = None, *, preset: str = "lab", output: str | None = None,
-                        folder: Path | None = None) -> None:  # fmt: skip
-    """Show a lesson's recorded results in a notebook: provenance, then the paired comparison of its final
-    stage on the test split (the same :func:`~kdbook_utils.experiments.compare` as the live run)."""
+                        folder: Path | None = None, stage: str = "final") -> None:  # fmt: skip
+    """Show a lesson's recorded results in a notebook: provenance, then the paired comparison of one stage
+    (the final comparison by default) on the test split (the same :func:`~kdbook_utils.experiments.compare`
+    as the live run)."""
     entry = lesson_entry(lesson)
     try:
         runs, provenance = check_recorded(lesson, preset, folder)
     except (FileNotFoundError, ValueError) as error:
         display(Markdown(f"*No usable recorded `{preset}` results for this lesson: {error}*"))
         return
-    final = runs[runs["stage"] == "final"] if "stage" in runs.columns else runs
-    comparison = compare(final, baseline or entry.baseline, split="test", output=output,
-                         methods=entry.headline(runs))  # fmt: skip
+    if stage not in set(runs["stage"]):
+        raise ValueError(f"The recorded {lesson} results have no stage {stage!r}; they have "
+                         f"{sorted(set(runs['stage']))}.")  # fmt: skip
+    chosen = runs[runs["stage"] == stage]
+    methods = entry.headline(runs) if stage == "final" else list(dict.fromkeys(chosen["method"]))
+    comparison = compare(chosen, baseline or entry.baseline, split="test", output=output, methods=methods)
     minutes = provenance["wall_seconds"] / 60
     display(
         Markdown(
