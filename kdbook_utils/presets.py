@@ -143,7 +143,7 @@ PRESETS: dict[str, Preset] = {
         lr=0.05,
         seeds=(0, 1, 2),
         device="auto",
-        description="a 10,000-image CIFAR-10 subset: about 15 minutes on a laptop CPU, minutes on a GPU",
+        description="a 10,000-image CIFAR-10 subset: each lesson's experiment 9-19 minutes on a 2-core CPU (bfloat16)",
         val_size=2000,
         cpu_bf16=True,
     ),
