@@ -43,10 +43,10 @@ from kdbook_utils.experiments import (
     write_results,
 )
 from kdbook_utils.lessons import LessonRunner, Stage
-from kdbook_utils.lessons.records import LESSONS, record, results_path, run_provenance
+from kdbook_utils.lessons.records import LESSONS, precision_name, record, results_path, run_provenance
 from kdbook_utils.lessons.sweep import RayExecutor, RunFolder, ray_available, start_ray
 from kdbook_utils.presets import PRESETS, Preset, active_preset
-from kdbook_utils.train import autocast_dtype, resolve_device
+from kdbook_utils.train import resolve_device
 
 __all__ = ["STAGES", "Stage", "main"]
 
@@ -302,7 +302,7 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             )
         else:
             runs = runner.record()
-        precision = str(autocast_dtype(None, device) or torch.float32).removeprefix("torch.")
+        precision = precision_name(device)
         if args.ray:
             done = runner.executor
             print(f"Ray: {done.trained} run(s) trained, {done.reused} read back from {done.runs.folder}.")

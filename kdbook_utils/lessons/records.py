@@ -82,6 +82,11 @@ def preset_hash(preset: Preset) -> str:
     return recipe_hash({k: v for k, v in dataclasses.asdict(preset).items() if k != "description"})
 
 
+def precision_name(device: torch.device) -> str:
+    """What :func:`~kdbook_utils.train.fit` trains in on ``device`` by default under the current preset."""
+    return str(autocast_dtype(None, device) or torch.float32).removeprefix("torch.")
+
+
 def run_provenance(
     lesson: str, preset: Preset, settings: Any, device: Any, wall_seconds: float, command: str, **extra: Any
 ) -> dict[str, Any]:
@@ -120,12 +125,11 @@ def record(
         runner = entry.runner.prepare(preset, splits, device=device, progress=progress, settings=settings)
         runs = runner.record()
         wall = time.perf_counter() - started
-        precision = str(autocast_dtype(None, device) or torch.float32).removeprefix("torch.")
+        precision = precision_name(device)
     provenance = run_provenance(lesson, preset, settings, device, wall,
                                 f"python -m kdbook_utils record {lesson} --preset {preset.name}",
                                 precision=precision,
-                                models_trained=sorted(p.stem for p in set(models.glob("*.pt")) - cached_before),
-                                models_from_cache=sorted(p.stem for p in cached_before))  # fmt: skip
+                                models_trained=sorted(p.stem for p in set(models.glob("*.pt")) - cached_before))  # fmt: skip
     table_path, _ = write_results(runs, results_path(lesson, preset.name, folder), provenance)
     return table_path
 
