@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Arc
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor, nn
 
 from kdbook_utils.data import DataSplits, ImageDataset, TensorLoader
@@ -270,6 +271,8 @@ def plot_gap_curve(teacher_grams: Mapping[Pair, Tensor], snapshots: Sequence[Map
             fontsize="small",
         )
     ax.set_ylim(0, top * 1.15)
+    ax.set_xlim(-0.3, len(xs) - 0.7)  # every epoch, also those whose gap overflowed
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epochs trained")
     ax.set_ylabel("Gram gap to the teachers\n(relative, summed over pairs)")
     ax.set_title("The student's Gram gap to the teachers, epoch by epoch", fontsize="medium")
