@@ -146,7 +146,7 @@ def plot_history(
             ax.set_ylim(0, 100)
         elif plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 30:
             ax.set_yscale("log")
-        if metric == "lr":
+        if metric == "lr" and ax.get_yscale() == "linear":  # a log axis already writes powers of ten
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:

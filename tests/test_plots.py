@@ -109,6 +109,16 @@ def test_history_plots_loss_terms_and_plain_columns() -> None:
     np.testing.assert_allclose(lr_line.get_ydata(), frame["lr"])
 
 
+def test_history_a_decaying_learning_rate_is_drawn_on_a_log_axis(tmp_path: Path) -> None:
+    frame = history(epochs=30)
+    frame["lr"] = 0.05 * 0.5 * (1 + np.cos(np.pi * np.arange(30) / 30))  # a 30-epoch cosine schedule
+    assert frame["lr"].max() / frame["lr"].min() > 30
+    fig = plot_history(frame, metrics=("loss", "lr"))
+    lr_ax = fig.axes[1]
+    assert lr_ax.get_yscale() == "log" and lr_ax.get_ylabel() == "learning rate"
+    render(fig, tmp_path, "history_lr")
+
+
 def test_history_unknown_metric_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"no column for metric 'kd'.*loss, acc"):
         plot_history(history(), metrics=("kd",))

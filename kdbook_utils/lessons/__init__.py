@@ -30,12 +30,21 @@ def settings_hash(settings: Any) -> str:
     return recipe_hash(dataclasses.asdict(settings))
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def _times_rows(table: pd.DataFrame) -> list[str]:
     lines = []
-    for row in table.itertuples(index=False):
-        took = f"{row.seconds:.0f} s" if row.seconds < 120 else f"{row.seconds / 60:.1f} min"
-        teachers = "already cached" if str(row.cached).lower() == "true" else "trained in this run"
-        lines.append(f"| `{row.preset}` | {teachers} | {row.machine} | {row.date} | {took} |")
+    for row in table.to_dict("records"):
+        teachers = "already cached" if str(row["cached"]).lower() == "true" else "trained in this run"
+        alone = row.get("teacher_seconds")
+        if teachers != "already cached" and alone is not None and pd.notna(alone):
+            # scripts/time_notebooks.py --teachers: the cached run plus the teachers trained on their own
+            teachers = f"trained first ({_duration(alone)}, timed on their own)"
+        lines.append(
+            f"| `{row['preset']}` | {teachers} | {row['machine']} | {row['date']} | {_duration(row['seconds'])} |"
+        )
     return lines
 
 
