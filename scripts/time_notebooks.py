@@ -14,7 +14,7 @@ and seconds. The notebooks' introductions, the instructor guide and the README r
 ``--teachers`` is the cheaper way to the empty-cache time when the notebooks are long (``lab`` on a small
 CPU): an empty cache differs from a warm one only in the teachers the notebook trains, so it trains each
 notebook's teachers on their own, from an empty cache, exactly as the lesson does (its runner's
-``prepare``), and records the notebook's empty-cache time as its measured cached time plus theirs (the
+``prepare`` and ``notebook_teachers``), and records the notebook's empty-cache time as its measured cached time plus theirs (the
 ``teacher_seconds`` column says how much of the time they are).
 """
 
@@ -74,7 +74,8 @@ def record(rows: list[dict]) -> None:
 
 def teacher_seconds(lesson: str, preset_name: str) -> float:
     """Seconds to train ``lesson``'s teachers from an empty cache, as the lesson does: its runner's
-    ``prepare`` in an empty cache, less the same call once they are cached (data handling, loading)."""
+    ``prepare`` and ``notebook_teachers`` in an empty cache, less the same calls once they are cached
+    (data handling, loading)."""
     sys.path.insert(0, str(ROOT))
     from kdbook_utils.data import preset_data
     from kdbook_utils.lessons.records import LESSONS
@@ -90,7 +91,7 @@ def teacher_seconds(lesson: str, preset_name: str) -> float:
             times = []
             for _ in ("empty cache", "cached"):
                 started = time.perf_counter()
-                runner.prepare(preset, splits, progress=False)
+                runner.prepare(preset, splits, progress=False).notebook_teachers()
                 times.append(time.perf_counter() - started)
         finally:
             if previous is None:

@@ -142,6 +142,10 @@ class LessonRunner:
     def job(self, spec: Mapping[str, Any], seed: int) -> StudentRun:
         raise NotImplementedError
 
+    def notebook_teachers(self) -> None:
+        """Train (once, cached) any teacher the lesson's notebook uses beyond those of ``prepare``; the
+        notebook timer calls it to time the teachers alone. Default: there are none."""
+
     def table(self, jobs: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> pd.DataFrame:
         """Every job over ``seeds``: one row per (job label, seed, split, output), as ``run_seeds`` makes it."""
         if self.executor is not None:

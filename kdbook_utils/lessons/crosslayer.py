@@ -387,26 +387,36 @@ class CrossLayerRunner(LessonRunner):
     def headline_settings(self) -> list[Ablation]:
         return [STUDENT_ALONE, P1_P2_P3.replace(num_teachers=self.settings.teachers)]
 
+    def _chain_model(self, arch: str) -> Callable[[], nn.Module]:
+        data = self.splits.train
+        return lambda: create_model(arch, data.num_classes, in_channels=data.image_shape[0],
+                                    base_width=self.settings.chain["base_width"])  # fmt: skip
+
+    def chain_teachers(self) -> tuple[nn.Module, nn.Module]:
+        """The chain's ResNet-50 teacher and its copy with 1x1 adapters to ResNet-10's widths (both cached)."""
+        s, chain = self.settings, self.settings.chain
+        sized = DataSplits(self.full_train, self.splits.val, self.splits.test)
+        common = {"lr": s.lr, "batch_size": s.batch_size, "device": self.device, "progress": self.progress}
+        r50 = cached_teacher("resnet50_cifar", sized, epochs=chain["teacher_epochs"],
+                             model_options={"base_width": chain["base_width"]}, **common).model  # fmt: skip
+        adapted = cached_adapted_teacher(
+            r50, self._chain_model("resnet10_cifar")(), sized, epochs=chain["adapter_epochs"], **common
+        )
+        return r50, adapted
+
+    def notebook_teachers(self) -> None:
+        """Train (once) the teachers the notebook uses beyond :meth:`prepare`'s: the chain's (section 6)."""
+        self.chain_teachers()
+
     def chain(self) -> tuple[pd.DataFrame, dict[str, float]]:
         """Tables 19-20: ResNet-50 -> ResNet-10 through 1x1 adapters, and ResNet-50 -> ResNet-18 -> ResNet-10.
 
         Returns the runs of the three routes over the first three seeds (the student alone, the direct
         route, the two-step route) and the validation accuracy of the teachers along the way.
         """
-        s, chain = self.settings, self.settings.chain
-        sized = DataSplits(self.full_train, self.splits.val, self.splits.test)
-        common = {"lr": s.lr, "batch_size": s.batch_size, "device": self.device, "progress": self.progress}
-        width = {"base_width": chain["base_width"]}
-        data = self.splits.train
-
-        def make(arch: str) -> Callable[[], nn.Module]:
-            return lambda: create_model(arch, data.num_classes, in_channels=data.image_shape[0], **width)
-
-        r50 = cached_teacher("resnet50_cifar", sized, epochs=chain["teacher_epochs"], model_options=width,
-                             **common).model  # fmt: skip
-        adapted = cached_adapted_teacher(
-            r50, make("resnet10_cifar")(), sized, epochs=chain["adapter_epochs"], **common
-        )
+        s = self.settings
+        make = self._chain_model
+        r50, adapted = self.chain_teachers()
         step = P1_P2.replace(k=3)
 
         def distil(teacher: nn.Module, seed: int) -> Callable[[nn.Module], nn.Module]:
