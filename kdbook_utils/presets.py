@@ -143,7 +143,8 @@ PRESETS: dict[str, Preset] = {
         lr=0.05,
         seeds=(0, 1, 2),
         device="auto",
-        description="a 10,000-image CIFAR-10 subset: each lesson's experiment 9-19 minutes on a 2-core CPU (bfloat16)",
+        description="a 10,000-image CIFAR-10 subset: each lesson notebook about 10 minutes on a 2-core CPU "
+        "(bfloat16) once its teachers are cached",
         val_size=2000,
         cpu_bf16=True,
     ),
