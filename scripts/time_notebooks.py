@@ -14,8 +14,8 @@ and seconds. The notebooks' introductions, the instructor guide and the README r
 ``--teachers`` is the cheaper way to the empty-cache time when the notebooks are long (``lab`` on a small
 CPU): an empty cache differs from a warm one only in the teachers the notebook trains, so it trains each
 notebook's teachers on their own, from an empty cache, exactly as the lesson does (its runner's
-``prepare`` and ``notebook_teachers``), and records the notebook's empty-cache time as its measured cached time plus theirs (the
-``teacher_seconds`` column says how much of the time they are).
+``prepare`` and ``notebook_teachers``), and records the notebook's empty-cache time as its measured cached
+time plus theirs (the ``teacher_seconds`` column says how much of the time they are).
 """
 
 from __future__ import annotations

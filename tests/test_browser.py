@@ -516,6 +516,26 @@ def page_problems(name: str, report: dict[str, Any], failed_loads: list[str]) ->
     return problems
 
 
+LINK = re.compile(r'href="(?!https?:|mailto:|#)([^"#]+\.html)#([^"]+)"')
+
+
+@pytest.mark.timeout(1800)  # the book needs every notebook executed: this test runs them if no test has
+def test_links_to_a_section_of_another_page_land_on_that_section(built_book: Path) -> None:
+    """E.g. each lesson's "Differences from the paper" links to its paper's part of the appendix."""
+    broken, checked = [], 0
+    for page in book_pages(built_book):
+        for target, section in set(LINK.findall(page.read_text())):
+            checked += 1
+            destination = (page.parent / target).resolve()
+            ids = (
+                set(re.findall(r'id="([^"]+)"', destination.read_text())) if destination.is_file() else set()
+            )
+            if section not in ids:
+                broken.append(f"{page.relative_to(built_book)} -> {target}#{section}")
+    assert checked, "no page links to a section of another page; the lessons link to the appendix's sections"
+    assert not broken, "links to sections that do not exist:\n" + "\n".join(broken)
+
+
 @pytest.mark.timeout(1800)  # the book needs every notebook executed: this test runs them if no test has
 def test_every_book_page_loads_offline_with_figures_and_math(browser: WebDriver, built_book: Path) -> None:
     pages = book_pages(built_book)
