@@ -6,8 +6,8 @@
     python scripts/time_notebooks.py --preset lab --teachers ...     # + the teachers, timed on their own
 
 Each notebook is executed twice in a fresh kernel (with ``scripts/execute_notebooks.py``'s kernel): first
-with an empty teacher cache (``teachers: trained in this run``), then again with the cache that run filled
-(``already cached``). Each run appends a row to ``kdbook_utils/results/timings.csv``, replacing an earlier
+with an empty teacher cache (``teachers: empty cache, notebooks in order``: notebook 01 finds the teacher
+that 00 trained), then again with the cache that run filled (``already cached``). Each run appends a row to ``kdbook_utils/results/timings.csv``, replacing an earlier
 row of the same notebook, preset, cache state and machine: the notebook, preset, cache state, machine, date
 and seconds. The notebooks' introductions, the instructor guide and the README read that file.
 

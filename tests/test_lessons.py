@@ -160,7 +160,7 @@ def test_the_book_tables_of_times_are_rendered_from_the_recorded_files(tmp_path,
     assert (
         "| `01_hinton_kd` | `lab` | trained first (6.0 min, timed on their own) | m | d | 18.6 min |" in text
     )
-    assert "| `00_start_here` | `quick` | trained in this run | m | d | 30 s |" in text
+    assert "| `00_start_here` | `quick` | empty cache, notebooks in order | m | d | 30 s |" in text
     assert "| hinton | `lab` | ? | m, `cpu`, bfloat16 | 2026-12-02 | 25 min |" in text
     assert (
         "**" not in lessons.notebook_times("01_hinton_kd").data

@@ -37,7 +37,9 @@ def _duration(seconds: float) -> str:
 def _times_rows(table: pd.DataFrame) -> list[str]:
     lines = []
     for row in table.to_dict("records"):
-        teachers = "already cached" if str(row["cached"]).lower() == "true" else "trained in this run"
+        teachers = (
+            "already cached" if str(row["cached"]).lower() == "true" else "empty cache, notebooks in order"
+        )
         alone = row.get("teacher_seconds")
         if teachers != "already cached" and alone is not None and pd.notna(alone):
             # scripts/time_notebooks.py --teachers: the cached run plus the teachers trained on their own
