@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import nbformat
 import pandas as pd
@@ -83,21 +84,14 @@ def teacher_seconds(lesson: str, preset_name: str) -> float:
 
     preset = get_preset(preset_name)
     runner = LESSONS[lesson].runner
-    previous = os.environ.get("KDBOOK_CACHE")
-    with tempfile.TemporaryDirectory(prefix="kdbook-teacher-timing-") as cache, active_preset(preset):
-        os.environ["KDBOOK_CACHE"] = cache
-        try:
-            splits = preset_data(preset)
-            times = []
-            for _ in ("empty cache", "cached"):
-                started = time.perf_counter()
-                runner.prepare(preset, splits, progress=False).notebook_teachers()
-                times.append(time.perf_counter() - started)
-        finally:
-            if previous is None:
-                os.environ.pop("KDBOOK_CACHE", None)
-            else:
-                os.environ["KDBOOK_CACHE"] = previous
+    empty = tempfile.TemporaryDirectory(prefix="kdbook-teacher-timing-")
+    with empty as cache, mock.patch.dict(os.environ, {"KDBOOK_CACHE": cache}), active_preset(preset):
+        splits = preset_data(preset)
+        times = []
+        for _ in ("empty cache", "cached"):
+            started = time.perf_counter()
+            runner.prepare(preset, splits, progress=False).notebook_teachers()
+            times.append(time.perf_counter() - started)
     print(f"{lesson}: teachers {times[0]:.0f} s from an empty cache, {times[1]:.0f} s cached", flush=True)
     return times[0] - times[1]
 

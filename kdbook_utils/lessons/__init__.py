@@ -37,13 +37,14 @@ def _duration(seconds: float) -> str:
 def _times_rows(table: pd.DataFrame) -> list[str]:
     lines = []
     for row in table.to_dict("records"):
-        teachers = (
-            "already cached" if str(row["cached"]).lower() == "true" else "empty cache, notebooks in order"
-        )
-        alone = row.get("teacher_seconds")
-        if teachers != "already cached" and alone is not None and pd.notna(alone):
-            # scripts/time_notebooks.py --teachers: the cached run plus the teachers trained on their own
-            teachers = f"trained first ({_duration(alone)}, timed on their own)"
+        if str(row["cached"]).lower() == "true":
+            teachers = "already cached"
+        elif pd.notna(
+            row.get("teacher_seconds")
+        ):  # time_notebooks.py --teachers: cached run + teachers alone
+            teachers = f"trained first ({_duration(row['teacher_seconds'])}, timed on their own)"
+        else:
+            teachers = "empty cache, notebooks in order"
         lines.append(
             f"| `{row['preset']}` | {teachers} | {row['machine']} | {row['date']} | {_duration(row['seconds'])} |"
         )
