@@ -7,7 +7,7 @@ comes from the ``KDBOOK_PRESET`` environment variable (default ``quick``) unless
 preset     data                                     what it is for
 =========  =======================================  ==========================================
 quick      scikit-learn digits (embedded), CPU      a class session: minutes per notebook on a CPU
-lab        a CIFAR-10 subset (needs CIFAR on disk)  real images: homework, or a GPU in class
+lab        CIFAR-10 (needs CIFAR on disk)           real images in class: shipped teachers
 paper      the papers' data sets and schedules      reproducing the papers: GPU hours
 smoke      a few hundred digits, one epoch          tests only: seconds; the numbers mean nothing
 =========  =======================================  ==========================================
@@ -18,10 +18,8 @@ The measured running time of every notebook under each preset is recorded in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kdbook_utils.errors import check_int, check_keywords, check_number, closest, must_be
@@ -55,9 +53,14 @@ class Preset:
     description: str
     val_size: int = 0
     """Images held out of the training split for validation (choices are made on them, never on test)."""
+    train_teachers: bool = True
+    """Whether a lesson trains a teacher that is neither cached nor shipped with the package. ``lab`` says
+    no: its teachers ship with the package, and a lesson never spends a class on training one unless the
+    learner asks (``PRESET.replace(train_teachers=True)``)."""
     cpu_bf16: bool = False
-    """Train in bfloat16 autocast on CPUs that run it natively (``fit``'s default ``amp=None``); on other
-    CPUs, and on GPUs (which use mixed precision anyway), it changes nothing."""
+    """Train in bfloat16 autocast on CPUs that run it natively (the rule of
+    :func:`~kdbook_utils.train.preset_precision`); on other CPUs, and on GPUs (which use mixed precision
+    anyway), it changes nothing."""
 
     def __post_init__(self) -> None:
         for field in ("name", "dataset", "description"):
@@ -90,8 +93,9 @@ class Preset:
         check_int(
             "Preset val_size", self.val_size, minimum=0, fix="It is how many training images to hold out."
         )
-        if not isinstance(self.cpu_bf16, bool):
-            raise TypeError(must_be("Preset cpu_bf16", "True or False", self.cpu_bf16))
+        for flag in ("cpu_bf16", "train_teachers"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(must_be(f"Preset {flag}", "True or False", getattr(self, flag)))
 
     def replace(self, **changes: object) -> Preset:
         """A copy with some fields changed, e.g. ``PRESET.replace(student_epochs=5)``.
@@ -135,17 +139,18 @@ PRESETS: dict[str, Preset] = {
     "lab": Preset(
         name="lab",
         dataset="cifar10",
-        train_subset=10_000,
-        test_subset=2_000,
+        train_subset=None,
+        test_subset=None,
         batch_size=128,
         teacher_epochs=15,
         student_epochs=15,
         lr=0.05,
         seeds=(0, 1, 2),
         device="auto",
-        description="a 10,000-image CIFAR-10 subset: each lesson notebook about 10 minutes on a 2-core CPU "
-        "(bfloat16) once its teachers are cached",
+        description="real CIFAR-10 photos: the teachers ship with the package (trained on the 48,000 training "
+        "images left after the validation hold-out); each lesson's students learn from a subset of them",
         val_size=2000,
+        train_teachers=False,
         cpu_bf16=True,
     ),
     "paper": Preset(
@@ -180,28 +185,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-_ACTIVE: list[Preset] = []
-
-
-@contextlib.contextmanager
-def active_preset(preset: Preset) -> Iterator[Preset]:
-    """Make ``preset`` the current one while the block runs: what ``get_preset()`` returns, and so what the
-    device and precision rules of :func:`~kdbook_utils.train.fit` follow. The command line runs each lesson
-    inside one, as a notebook runs inside ``$KDBOOK_PRESET``."""
-    if not isinstance(preset, Preset):
-        raise TypeError(must_be("active_preset's preset", "a Preset (e.g. get_preset('lab'))", preset))
-    _ACTIVE.append(preset)
-    try:
-        yield preset
-    finally:
-        _ACTIVE.pop()
-
-
 def get_preset(name: str | None = None) -> Preset:
-    """Return the preset called ``name``; without a name, the current one: the innermost
-    :func:`active_preset`, else the one named by ``$KDBOOK_PRESET`` (default ``quick``)."""
-    if name is None and _ACTIVE:
-        return _ACTIVE[-1]
+    """Return the preset called ``name``; without a name, the one named by ``$KDBOOK_PRESET`` (default
+    ``quick``). This is the only place the environment is read: a notebook's parameters cell calls it once
+    (``PRESET = get_preset()``) and passes the preset down, so ``KDBOOK_PRESET=lab`` and
+    ``get_preset("lab")`` run the same."""
     chosen = name if name is not None else os.environ.get(PRESET_ENV_VAR, "quick")
     if not isinstance(chosen, str):
         raise TypeError(

@@ -8,18 +8,22 @@ term. Plain cross-entropy training is the simplest method (:class:`CrossEntropy`
 
 The public functions:
 
-* :func:`fit` trains a method (or a plain model) and returns its history, one row per epoch;
+* :func:`train_step` is one optimisation step, the code every method trains with: the method's forward,
+  its loss terms added up, backward, the optimiser's step;
+* :func:`fit` runs it over the batches and epochs, with everything around a step in view: the optimiser
+  and its learning-rate schedule, mixed precision, several processes, ``torch.compile``, validation,
+  progress bars, and stopping (and rolling back) when the loss turns NaN or diverges;
 * :func:`evaluate` and :func:`predict` measure a trained model;
-* :func:`seed_everything`, :func:`choose_device` and :func:`resolve_device` set up a run;
+* :func:`seed_everything`, :func:`choose_device` and :func:`preset_precision` set up a run;
 * :func:`freeze` turns a trained model into a frozen teacher;
 * :func:`configure_cpu_performance` tunes the memory allocator for CPU training (``fit`` calls it).
 
 Units: accuracies are percentages (0-100) everywhere.
 
-**The device rule.** Every function here that trains or evaluates takes ``device=None``, which means
-:func:`resolve_device`: the device of the current preset (``$KDBOOK_PRESET``, see
-:mod:`kdbook_utils.presets`) through :func:`choose_device`. A notebook resolves it once
-(``DEVICE = choose_device(PRESET.device)``) and passes it down; data and models are moved there.
+**No hidden state.** Where a run trains and in which precision are arguments, never read from the
+environment: a notebook resolves them once from its preset (``DEVICE = choose_device(PRESET.device)``,
+``PRECISION = preset_precision(PRESET, DEVICE)``) and passes them down. A function given ``device=None``
+picks ``"auto"`` (CUDA, then MPS, then the CPU); ``precision=None`` is float32.
 
 A note for readers of the loop: on a GPU, every ``.item()`` (or ``float(tensor)``) makes the CPU wait for
 the GPU to finish. The loop therefore adds the per-batch losses up *as tensors* and reads them only once
@@ -51,16 +55,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from kdbook_utils import distributed
+from kdbook_utils.errors import must_be
 from kdbook_utils.features import FeatureExtractor
-from kdbook_utils.presets import get_preset
+from kdbook_utils.presets import Preset
 
 __all__ = [
     "CrossEntropy",
     "Distiller",
     "NonFiniteLossError",
     "TeacherOutputs",
+    "DivergedError",
     "TrainingPhase",
-    "autocast_dtype",
+    "check_precision",
     "choose_device",
     "configure_cpu_performance",
     "evaluate",
@@ -68,9 +74,12 @@ __all__ = [
     "freeze",
     "lr_factor",
     "output_names",
+    "precision_name",
     "predict",
+    "preset_precision",
     "resolve_device",
     "seed_everything",
+    "train_step",
 ]
 
 Batches = Iterable[tuple[Tensor, Tensor]]
@@ -82,6 +91,9 @@ Schedule = Union[str, Callable[[int, int], float]]
 DeviceLike = Union[str, torch.device, None]
 Logits = Union[Tensor, list[Tensor]]
 """A model's output: the logits, or one logits tensor per exit for a multi-exit network."""
+
+DIVERGENCE_FACTOR = 100.0
+""":func:`fit` stops when an epoch's mean loss exceeds this many times its phase's first batch loss."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -490,6 +502,14 @@ def lr_factor(
 # Mixed precision
 # --------------------------------------------------------------------------------------------------------
 
+Precision = Union[str, torch.dtype, None]
+"""A training precision: None (float32), ``"bf16"``/``"bfloat16"``, ``"fp16"``/``"float16"``, or the dtype."""
+
+_PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+    "float16": torch.float16,
+}  # fmt: skip
+
 
 def cpu_runs_bfloat16_natively() -> bool:
     """Whether this CPU has bfloat16 instructions (Intel AMX or AVX512-BF16, e.g. Xeon Sapphire Rapids or
@@ -502,49 +522,49 @@ def cpu_runs_bfloat16_natively() -> bool:
     return any(check is not None and bool(check()) for check in checks)
 
 
-def autocast_dtype(amp: bool | str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """The dtype :func:`fit` runs ``amp`` in on ``device``, or None for float32 throughout.
-
-    ``amp=None`` (the default) means the preset's rule: mixed precision on CUDA, and bfloat16 on a CPU
-    when the preset asks for it (``cpu_bf16``) and the CPU runs bfloat16 natively
-    (:func:`cpu_runs_bfloat16_natively`); float32 elsewhere. True picks bfloat16 where the hardware runs
-    it natively, else float16; ``"bf16"``/``"fp16"`` (or the torch dtypes) choose; False turns it off.
-    """
-    if amp is None:
-        if device.type == "cpu" and get_preset().cpu_bf16 and cpu_runs_bfloat16_natively():
-            return torch.bfloat16
-        amp = device.type == "cuda"
-    if amp is False:
+def check_precision(precision: Precision, device: torch.device | None = None) -> torch.dtype | None:
+    """``precision`` as the autocast dtype :func:`train_step` uses, or None for float32 throughout."""
+    if precision is None or precision == torch.float32:
         return None
-    if amp is True:
-        if device.type == "cuda":
-            # bfloat16 needs no loss scaling, but only Ampere (compute capability 8) and later run it
-            # natively; older GPUs such as Colab's T4 get float16 with a gradient scaler.
-            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-        return torch.bfloat16
-    names = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
-    if isinstance(amp, str) and amp.lower() in names:
-        return names[amp.lower()]
-    if amp in (torch.bfloat16, torch.float16):
-        return amp  # type: ignore[return-value]
-    raise ValueError(f"amp must be None, True, False, 'bf16' or 'fp16', got {amp!r}.")
+    if precision in (torch.bfloat16, torch.float16):
+        return precision  # type: ignore[return-value]
+    if isinstance(precision, str) and precision.strip().lower() in _PRECISIONS:
+        return _PRECISIONS[precision.strip().lower()]
+    raise ValueError(
+        f"Unknown precision {precision!r}: use None (float32), 'bf16' or 'fp16' (or the torch dtypes). "
+        "A lesson takes its preset's rule: preset_precision(PRESET, DEVICE)."
+    )
 
 
-def _grad_scaler(dtype: torch.dtype | None, device: torch.device) -> Any:
-    """A gradient scaler, active only for float16 on CUDA (float16 gradients underflow without one).
+def preset_precision(preset: Preset, device: torch.device) -> torch.dtype | None:
+    """A preset's precision rule on ``device``, resolved once (like the device) and passed down.
 
-    Inactive, its methods pass through: ``scale(loss)`` is ``loss``, ``step(optimizer)`` is
-    ``optimizer.step()``, and ``unscale_``/``update`` do nothing.
+    On a CUDA GPU: mixed precision, bfloat16 on Ampere (compute capability 8) and later, float16 with a
+    gradient scaler on older GPUs such as Colab's T4. On a CPU: bfloat16 when the preset asks for it
+    (``cpu_bf16``, the ``lab`` and ``paper`` presets) and the CPU runs it natively
+    (:func:`cpu_runs_bfloat16_natively`), else float32 (None). On Apple's MPS: float32.
     """
-    enabled = dtype == torch.float16 and device.type == "cuda"
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)  # PyTorch < 2.3
+    if not isinstance(preset, Preset):
+        raise TypeError(must_be("preset_precision's preset", "a Preset, e.g. get_preset('lab')", preset))
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if device.type == "cpu" and preset.cpu_bf16 and cpu_runs_bfloat16_natively():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(precision: Precision) -> str:
+    """``"float32"``, ``"bfloat16"`` or ``"float16"``: how cache keys and result files name a precision."""
+    dtype = check_precision(precision)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def grad_scaler(precision: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
+    """The gradient scaler :func:`train_step` takes: active only for float16 on a GPU (float16 gradients
+    underflow without one). Inactive, it passes through: ``scale(loss)`` is ``loss``,
+    ``step(optimizer)`` is ``optimizer.step()``, and ``unscale_`` and ``update`` do nothing."""
+    return torch.amp.GradScaler("cuda", enabled=precision == torch.float16 and device.type == "cuda")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -561,28 +581,52 @@ def _uses_channels_last(model: nn.Module) -> bool:
     return False
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def resolve_device(device: DeviceLike = None) -> torch.device:
-    """The device rule: ``None`` means the current preset's device (``$KDBOOK_PRESET``), chosen by
-    :func:`choose_device`; anything else is passed to :func:`choose_device`. Under ``torchrun`` a bare
-    ``cuda`` means this process's GPU, ``cuda:$LOCAL_RANK``."""
-    return distributed.local_device(choose_device(get_preset().device if device is None else device))
+    """``device`` through :func:`choose_device` (None: ``"auto"``). Under ``torchrun`` a bare ``cuda``
+    means this process's GPU, ``cuda:$LOCAL_RANK``. A notebook resolves its preset's device once,
+    ``DEVICE = choose_device(PRESET.device)``, and passes it down."""
+    return distributed.local_device(choose_device("auto" if device is None else device))
+
 
 
 # --------------------------------------------------------------------------------------------------------
-# The training loop
+# The training step, and the loop around it
 # --------------------------------------------------------------------------------------------------------
+
+
+def train_step(
+    method: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: torch.dtype | None = None,
+    grad_clip: float | None = None,
+) -> tuple[Logits, dict[str, Tensor]]:
+    """One optimisation step, the same for every method: forward, the loss terms added, backward, step."""
+    # Mixed precision (bfloat16 or float16) runs the forward pass only; precision=None stays in float32.
+    with torch.autocast(images.device.type, dtype=precision, enabled=precision is not None):
+        logits, losses = method(images, labels)  # the student's logits, and the method's named loss terms
+        loss = sum(losses.values())  # e.g. {"ce": ..., "kd": ...}: the total is their sum
+    optimizer.zero_grad(set_to_none=True)
+    # The scaler acts only for float16 on a GPU (small gradients would underflow to zero); otherwise
+    # scaler.scale(loss) is loss, and scaler.step(optimizer) is optimizer.step().
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, losses
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the model was put back to its last good epoch."""
+
+
+class DivergedError(NonFiniteLossError):
+    """The loss grew by orders of magnitude over its first value (a learning rate far too large, say): the
+    model was put back to its last good epoch, as for a NaN."""
 
 
 def fit(
@@ -599,23 +643,30 @@ def fit(
     milestones: Sequence[float] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     device: DeviceLike = None,
-    amp: bool | str | torch.dtype | None = None,
+    precision: Precision = None,
     channels_last: bool | None = None,
     progress: bool = True,
     desc: str | None = None,
     grad_clip: float | None = None,
     compile: bool = False,
+    divergence_factor: float | None = DIVERGENCE_FACTOR,
 ) -> pd.DataFrame:
     """Train ``method`` (a :class:`Distiller`, or a plain model trained with cross-entropy) in place.
 
-    Each step minimises the sum of the method's loss terms with SGD (Nesterov momentum 0.9, weight decay
-    5e-4, the RepDistiller recipe) unless a ready ``optimizer`` is given; the learning rate follows
-    ``schedule`` (see :func:`lr_factor`), changed once per epoch. A method with several
+    Every batch goes through :func:`train_step`. Around it, ``fit`` builds the optimiser (SGD with Nesterov
+    momentum 0.9 and weight decay 5e-4, the RepDistiller recipe, unless a ready ``optimizer`` is given),
+    sets the learning rate of each epoch from ``schedule`` (see :func:`lr_factor`), logs every loss term,
+    validates after each epoch, and shows progress. A method with several
     :meth:`~Distiller.training_phases` gets a fresh optimiser and schedule for each. Stop it at any time
     (Ctrl-C, or the notebook's stop button): it prints a notice and returns the epochs completed so far,
-    and the model keeps the weights it had when stopped. A NaN or infinite loss stops training with a
-    :class:`NonFiniteLossError` that names the epoch, the batch and the loss term; the model is put back
-    to the weights of its last completed epoch.
+    and the model keeps the weights it had when stopped.
+
+    **When training goes wrong.** A NaN or infinite loss stops training with a
+    :class:`NonFiniteLossError` naming the epoch, the batch and the loss term; an epoch whose mean loss is
+    more than ``divergence_factor`` times the first batch's loss of its phase (the loss grew by orders of
+    magnitude: a learning rate far too large, say) stops it with a :class:`DivergedError`. Either way the
+    model is put back to the weights of its last completed epoch, and the error's ``.history`` holds the
+    completed epochs.
 
     **Several processes.** Under ``torchrun`` (after :func:`kdbook_utils.distributed.init`), every process
     calls ``fit`` with the same arguments and they train one model together: the method is wrapped in
@@ -642,11 +693,11 @@ def fit(
         lr, momentum, weight_decay, nesterov: SGD settings (ignored when ``optimizer`` is given).
         schedule, milestones: the learning-rate schedule; ``milestones`` only matter for ``"step"``.
         optimizer: a ready optimiser over the method's parameters; the schedule scales its learning rates.
-        device: None means the device rule (:func:`resolve_device`).
-        amp: mixed precision. Default (the preset's rule, :func:`autocast_dtype`): on for CUDA (bfloat16
-            where the GPU supports it, else float16 with a gradient scaler); bfloat16 on CPUs that run it
-            natively when the preset says ``cpu_bf16``; off elsewhere. ``"bf16"``/``"fp16"`` choose (``"bf16"`` also on CPUs with
-            native bfloat16); False forces float32.
+        device: where to train; None means ``"auto"`` (:func:`resolve_device`). A notebook passes the
+            device its preset chose, ``choose_device(PRESET.device)``.
+        precision: None trains in float32; ``"bf16"`` or ``"fp16"`` (or the torch dtypes) run the forward
+            pass in that mixed precision (float16 with a gradient scaler on a GPU). A lesson passes its
+            preset's rule, :func:`preset_precision`.
         channels_last: store images and convolution weights as N, H, W, C, which the CPU (oneDNN) and GPU
             (cuDNN) convolutions run faster. Default: on for CPU and CUDA, off for MPS.
         progress: show progress bars (an epoch bar and a batch bar); False for silence.
@@ -655,6 +706,8 @@ def fit(
         compile: run each training step's forward pass (student, teacher and loss) through
             ``torch.compile``. The first epoch pays the compilation (tens of seconds on a CPU, which also
             needs a C++ compiler); whether it pays back is measured in ``bench/bench_speed_switches.py``.
+        divergence_factor: how many times its phase's first batch loss an epoch's mean loss may reach
+            before training stops as diverged (default 100: two orders of magnitude); None never stops.
 
     Returns:
         The history, a ``pandas.DataFrame`` with one row per completed epoch: ``epoch`` (from 1),
@@ -665,12 +718,7 @@ def fit(
         with several exits adds ``train_acc_<exit>`` and ``val_acc_<exit>`` per exit; ``train_acc`` and
         ``val_acc`` are then those of its last exit.
     """
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer; got {epochs!r}. Pass e.g. epochs=10.")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number; got {lr!r}. Typical values are 0.01-0.1 for SGD.")
-    lr_factor(schedule, 0, epochs, milestones)  # reject an unknown schedule before any work
-
+    _check_fit_arguments(epochs, lr, schedule, milestones, divergence_factor)
     method = as_method(method)
     phases = method.training_phases(epochs, lr)
     if optimizer is not None and len(phases) > 1:
@@ -679,120 +727,224 @@ def fit(
             "let fit build them (do not pass optimizer=)."
         )
     device = resolve_device(device)
-    amp_dtype = autocast_dtype(amp, device)
-    scaler = _grad_scaler(amp_dtype, device)
+    precision = check_precision(precision, device)
+    scaler = grad_scaler(precision, device)
     if channels_last is None:
         channels_last = device.type in ("cpu", "cuda")
     if device.type == "cpu":
         configure_cpu_performance()
     elif device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
         torch.backends.cudnn.benchmark = True  # our input sizes are fixed: let cuDNN pick its fastest kernels
-
     method.to(device)
     if channels_last:
         method.to(memory_format=torch.channels_last)
     student = _student_of(method)
-    total_epochs = sum(phase.epochs for phase in phases)
-    spread = distributed.is_active()  # several processes train together (torchrun)
     progress = progress and distributed.is_main_process()
+    bars = _ProgressBars(sum(phase.epochs for phase in phases), _length(train_loader), desc, progress)
+    step = _StepSettings(device, channels_last, scaler, precision, grad_clip, student, check_output=not compile)
     rows: list[dict[str, Any]] = []
-    epoch_bar = tqdm(total=total_epochs, desc=desc or "training", unit="epoch", disable=not progress)
-    batch_bar = tqdm(total=_length(train_loader), unit="batch", leave=False, disable=not progress)
-    epoch = 0  # counts over all phases
-    checked_first_batch = False
     good_state = _trainable_state(method)
     try:
         for phase in phases:
             method.set_phase(phase.name)
             phase_optimizer = optimizer or _sgd(method, phase.lr, momentum, weight_decay, nesterov)
             base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in phase_optimizer.param_groups]
-            if spread:  # the previous phase's DDP must be gone (its gradient hooks with it) before the next
-                trainer = None
-                gc.collect()
-            trainer = _data_parallel(method, device, several_phases=len(phases) > 1) if spread else method
-            if compile:
+            trainer: nn.Module = method
+            if distributed.is_active():  # several processes (torchrun): DDP averages every step's gradients
+                gc.collect()  # the previous phase's DDP must be gone, its gradient hooks with it
+                trainer = _data_parallel(method, device, several_phases=len(phases) > 1)
+            if compile:  # the step's forward (student, teachers and loss) compiled by torch.compile
                 trainer = torch.compile(trainer)
+            first_loss: float | None = None  # the phase's first batch loss: the yardstick of divergence
             for phase_epoch in range(phase.epochs):
                 started = time.perf_counter()
                 for group, base_lr in zip(phase_optimizer.param_groups, base_lrs):
                     group["lr"] = base_lr * lr_factor(schedule, phase_epoch, phase.epochs, milestones)
-                method.train()
-                batches = iter(train_loader)
-                loader_epoch = getattr(train_loader, "current_epoch", None)
-                loader_epoch = epoch if loader_epoch is None else int(loader_epoch)
-                tally = _EpochTally(device)
-                batch_bar.reset(total=_length(train_loader))
-                batch_bar.set_description(f"epoch {epoch + 1}/{total_epochs}", refresh=False)
-                last_postfix = time.monotonic()
-                for batch_index, (images, labels) in enumerate(batches):
-                    images, labels = _to_device(images, labels, device, channels_last)
-                    if not checked_first_batch:
-                        check_batch(images, labels, student, where="the first training batch")
-                        checked_first_batch = True
-                    method.on_batch_start(loader_epoch, batch_index)
-                    with _autocast(device, amp_dtype):
-                        logits, losses = trainer(images, labels)
-                        loss = _total_loss(losses)
-                    method.on_batch_end()
-                    phase_optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()  # the scaler does nothing unless training in float16
-                    if grad_clip is not None:
-                        scaler.unscale_(phase_optimizer)
-                        nn.utils.clip_grad_norm_(method.trainable_parameters(), grad_clip)
-                    scaler.step(phase_optimizer)
-                    scaler.update()
-                    tally.add(batch_index, losses, logits, labels)
-                    batch_bar.update()
-                    if progress and time.monotonic() - last_postfix > 0.5:  # reads the GPU twice a second
-                        last_postfix = time.monotonic()
-                        batch_bar.set_postfix(tally.running_summary(), refresh=False)
-                if spread:
+                bars.start_epoch(len(rows), _length(train_loader))
+                tally = _train_epoch(method, trainer, train_loader, phase_optimizer, step, len(rows), bars)
+                if distributed.is_active():
                     tally.add_up_processes()
                     _share_buffers(method)
                 if tally.seen == 0:
                     raise ValueError("train_loader yielded no batches: is the data set empty?")
-                problem = tally.non_finite()
-                if problem is not None:
-                    _load_trainable_state(method, good_state)
-                    batch, terms = problem
-                    error = NonFiniteLossError(
-                        f"The loss became NaN or infinite at epoch {epoch + 1}, batch {batch + 1}"
-                        f"{f' (phase {phase.name!r})' if len(phases) > 1 else ''}, in the term(s) {terms}. "
-                        "The model was put back "
-                        f"to the weights after epoch {epoch} and the history of the completed epochs is "
-                        "in this error's .history. Try a smaller learning rate (lr), a smaller loss weight "
-                        "or temperature, gradient clipping (grad_clip=1.0), or check the data for NaN or "
-                        "infinite values."
-                    )
-                    error.history = pd.DataFrame(rows)  # type: ignore[attr-defined]
-                    raise error
-                row: dict[str, Any] = {"epoch": epoch + 1}
+                first_loss = tally.first_loss() if first_loss is None else first_loss
+                _stop_if_training_failed(tally, first_loss, divergence_factor, rows, len(rows), phase,
+                                         len(phases), method, good_state)  # fmt: skip
+                row: dict[str, Any] = {"epoch": len(rows) + 1}
                 if len(phases) > 1:
                     row["phase"] = phase.name
                 row.update(tally.row(output_names(method, tally.outputs)))
                 if val_loader is not None:
                     method.eval()
-                    row.update(_validation_columns(student, val_loader, device, amp_dtype, channels_last))
+                    row.update(_validation_columns(student, val_loader, device, precision, channels_last))
                 row["lr"] = phase_optimizer.param_groups[0]["lr"]
                 row["seconds"] = time.perf_counter() - started
                 rows.append(row)
                 good_state = _trainable_state(method)
-                epoch += 1
-                epoch_bar.update()
-                epoch_bar.set_postfix(_epoch_summary(row), refresh=True)
+                bars.epoch_done(row)
     except KeyboardInterrupt:
         print(
-            f"Training interrupted during epoch {epoch + 1}/{total_epochs}: returning the history of the "
-            f"{len(rows)} completed epoch(s); the model keeps its current weights."
+            f"Training interrupted during epoch {len(rows) + 1}/{bars.total_epochs}: returning the history of "
+            f"the {len(rows)} completed epoch(s); the model keeps its current weights."
         )
     finally:
         method.on_batch_end()
-        batch_bar.close()
-        epoch_bar.close()
+        bars.close()
         method.eval()
     if not rows:  # interrupted in the first epoch: an empty table that still names the usual columns
         return pd.DataFrame(columns=["epoch", "train_loss", "train_acc", "lr", "seconds"])
     return pd.DataFrame(rows)
+
+
+@dataclass
+class _StepSettings:
+    """What every step of one ``fit`` shares: where and how it trains, and whether the first batch (and
+    the method's output for it) has been checked yet."""
+
+    device: torch.device
+    channels_last: bool
+    scaler: torch.amp.GradScaler
+    precision: torch.dtype | None
+    grad_clip: float | None
+    student: nn.Module
+    check_output: bool = True  # not under torch.compile, which would compile the hook in, then recompile
+    checked: bool = False
+
+
+def _train_epoch(
+    method: Distiller,
+    trainer: nn.Module,
+    loader: Batches,
+    optimizer: torch.optim.Optimizer,
+    step: _StepSettings,
+    epoch: int,
+    bars: _ProgressBars,
+) -> _EpochTally:
+    """One pass over ``loader``, a :func:`train_step` per batch (``trainer`` is the method, or its DDP or
+    compiled wrapper); returns the epoch's tally of losses and correct answers."""
+    method.train()
+    tally = _EpochTally(step.device)
+    batches = iter(loader)
+    # The loader's own epoch count (a TensorLoader's), which the teacher cache keys batches by.
+    loader_epoch = getattr(loader, "current_epoch", None)
+    loader_epoch = epoch if loader_epoch is None else int(loader_epoch)
+    for batch_index, (images, labels) in enumerate(batches):
+        images, labels = _to_device(images, labels, step.device, step.channels_last)
+        check = None
+        if not step.checked:
+            check_batch(images, labels, step.student, where="the first training batch")
+            if step.check_output:
+                check = method.register_forward_hook(_check_method_output)
+            step.checked = True
+        method.on_batch_start(loader_epoch, batch_index)  # the teacher cache finds the batch by its position
+        try:
+            logits, losses = train_step(trainer, images, labels, optimizer, step.scaler, step.precision,
+                                        step.grad_clip)  # fmt: skip
+        finally:
+            method.on_batch_end()
+            if check is not None:
+                check.remove()
+        tally.add(batch_index, losses, logits, labels)
+        bars.batch_done(tally)
+    return tally
+
+
+def _check_method_output(module: nn.Module, inputs: Any, output: Any) -> None:
+    """A forward hook for the first batch: the method returned ``(logits, {term name: loss})``."""
+    if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict) and output[1]):
+        got = f"a dict of {len(output[1])} terms" if isinstance(output, tuple) and len(output) == 2 and \
+            isinstance(output[1], dict) else type(output).__name__
+        raise TypeError(
+            f"{type(module).__name__}.forward must return (logits, {{term_name: loss}}) with at least one loss "
+            f"term, e.g. (logits, {{'ce': F.cross_entropy(logits, labels)}}); got {got}."
+        )
+
+
+def _check_fit_arguments(
+    epochs: int, lr: float, schedule: Schedule, milestones: Sequence[float] | None, divergence: float | None
+) -> None:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer; got {epochs!r}. Pass e.g. epochs=10.")
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number; got {lr!r}. Typical values are 0.01-0.1 for SGD.")
+    lr_factor(schedule, 0, epochs, milestones)  # reject an unknown schedule before any work
+    if divergence is not None and not (
+        isinstance(divergence, (int, float)) and not isinstance(divergence, bool) and divergence > 1
+    ):
+        raise ValueError(
+            f"divergence_factor must be a number above 1, or None to never stop; got {divergence!r}. "
+            f"The default, {DIVERGENCE_FACTOR:g}, stops an epoch whose loss is that many times the first."
+        )
+
+
+def _stop_if_training_failed(
+    tally: _EpochTally,
+    first_loss: float,
+    divergence_factor: float | None,
+    rows: list[dict[str, Any]],
+    epoch: int,
+    phase: TrainingPhase,
+    phases: int,
+    method: Distiller,
+    good_state: dict[str, Tensor],
+) -> None:
+    """Put the model back to its last good epoch and raise, if this epoch's loss was NaN or diverged."""
+    where = f" (phase {phase.name!r})" if phases > 1 else ""
+    problem = tally.non_finite()
+    mean_loss = tally.mean_loss()
+    error: NonFiniteLossError | None = None
+    if problem is not None:
+        batch, terms = problem
+        error = NonFiniteLossError(
+            f"The loss became NaN or infinite at epoch {epoch + 1}, batch {batch + 1}{where}, in the term(s) "
+            f"{terms}. The model was put back to the weights after epoch {epoch} and the history of the "
+            "completed epochs is in this error's .history. Try a smaller learning rate (lr), a smaller loss "
+            "weight or temperature, gradient clipping (grad_clip=1.0), or check the data for NaN or infinite "
+            "values."
+        )
+    elif divergence_factor is not None and first_loss > 0 and mean_loss > divergence_factor * first_loss:
+        error = DivergedError(
+            f"Training diverged at epoch {epoch + 1}{where}: the mean loss, {mean_loss:.3g}, is "
+            f"{mean_loss / first_loss:.3g} times the first batch's ({first_loss:.3g}), more than the "
+            f"divergence_factor of {divergence_factor:g}. The model was put back to the weights after epoch "
+            f"{epoch} and the history of the completed epochs is in this error's .history. The learning rate "
+            "is the usual cause: try one ten times smaller (lr=0.05 is this course's default for SGD), or "
+            "gradient clipping (grad_clip=1.0)."
+        )
+    if error is not None:
+        _load_trainable_state(method, good_state)
+        error.history = pd.DataFrame(rows)  # type: ignore[attr-defined]
+        raise error
+
+
+class _ProgressBars:
+    """fit's two progress bars: epochs, and the batches of the current epoch (with its running loss)."""
+
+    def __init__(self, total_epochs: int, batches: int | None, desc: str | None, show: bool) -> None:
+        self.total_epochs = total_epochs
+        self.show = show
+        self.epochs = tqdm(total=total_epochs, desc=desc or "training", unit="epoch", disable=not show)
+        self.batches = tqdm(total=batches, unit="batch", leave=False, disable=not show)
+        self._last_postfix = time.monotonic()
+
+    def start_epoch(self, epoch: int, batches: int | None) -> None:
+        self.batches.reset(total=batches)
+        self.batches.set_description(f"epoch {epoch + 1}/{self.total_epochs}", refresh=False)
+
+    def batch_done(self, tally: _EpochTally) -> None:
+        self.batches.update()
+        if self.show and time.monotonic() - self._last_postfix > 0.5:  # reads the GPU twice a second
+            self._last_postfix = time.monotonic()
+            self.batches.set_postfix(tally.running_summary(), refresh=False)
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        self.epochs.update()
+        self.epochs.set_postfix(_epoch_summary(row), refresh=True)
+
+    def close(self) -> None:
+        self.batches.close()
+        self.epochs.close()
+
 
 
 def _sgd(
@@ -857,6 +1009,7 @@ class _EpochTally:
         self.seen = 0
         self.first_bad_batch = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_terms: Tensor | None = None  # which terms were non-finite in the first bad batch
+        self.first_total: Tensor | None = None  # the first batch's total loss
         self.names: list[str] = []
 
     def add(self, batch_index: int, losses: dict[str, Tensor], logits: Logits, labels: Tensor) -> None:
@@ -865,6 +1018,8 @@ class _EpochTally:
             if not self.names:
                 self.names = list(losses)
             values = torch.stack([losses[name].detach().float().reshape(()) for name in self.names])
+            if self.first_total is None:
+                self.first_total = values.sum()
             finite = torch.isfinite(values)
             first = (self.first_bad_batch < 0) & ~finite.all()
             self.first_bad_batch = torch.where(first, torch.full_like(self.first_bad_batch, batch_index),
@@ -877,7 +1032,7 @@ class _EpochTally:
                 self.loss_sums[name] = self.loss_sums[name] + weighted if name in self.loss_sums else weighted
             outputs = logits if isinstance(logits, (list, tuple)) else [logits]
             self.outputs = len(outputs)
-            correct = torch.stack([(out.detach().argmax(dim=1) == labels).sum() for out in outputs])
+            correct = torch.stack([(out.detach().argmax(dim=-1) == labels).sum() for out in outputs])
             self.correct = correct if self.correct is None else self.correct + correct
         self.seen += batch_size
 
@@ -890,6 +1045,8 @@ class _EpochTally:
             self.correct = distributed.sum_across_processes(self.correct)
         seen = distributed.sum_across_processes(torch.tensor([self.seen], device=self.device))
         self.seen = int(seen.item())
+        if self.first_total is not None:  # every process must judge divergence alike: the mean first loss
+            self.first_total = distributed.sum_across_processes(self.first_total) / distributed.world_size()
         # the first bad batch of any process (-1, none, counts as the largest value)
         unseen = torch.iinfo(torch.int64).max
         first = torch.where(self.first_bad_batch < 0, torch.full_like(self.first_bad_batch, unseen),
@@ -898,6 +1055,14 @@ class _EpochTally:
         self.first_bad_batch = torch.where(first == unseen, torch.full_like(first, -1), first)
         if self.bad_terms is not None:
             self.bad_terms = distributed.sum_across_processes(self.bad_terms.to(torch.int64)) > 0
+
+    def first_loss(self) -> float:
+        """The first batch's total loss (NaN before any batch)."""
+        return math.nan if self.first_total is None else float(self.first_total.item())
+
+    def mean_loss(self) -> float:
+        """The epoch's mean total loss per image."""
+        return sum(total.item() for total in self.loss_sums.values()) / self.seen
 
     def non_finite(self) -> tuple[int, str] | None:
         batch = int(self.first_bad_batch.item())
@@ -995,20 +1160,6 @@ def _to_device(
     if channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)
-
-
-def _total_loss(losses: dict[str, Tensor]) -> Tensor:
-    """The sum of a method's named loss terms; a clear error if the method returned none."""
-    if not isinstance(losses, dict) or not losses:
-        raise TypeError(
-            "A method's forward must return (logits, {term_name: loss}) with at least one loss term, "
-            f"got {type(losses).__name__}: {losses!r}."
-        )
-    terms = iter(losses.values())
-    total = next(terms)
-    for term in terms:
-        total = total + term
-    return total
 
 
 def _epoch_summary(row: dict[str, float]) -> dict[str, str]:

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 import kdbook_utils.train as train_module
 from kdbook_utils.data import ImageDataset, TensorLoader
 from kdbook_utils.models import create_model
-from kdbook_utils.presets import active_preset, get_preset
+from kdbook_utils.presets import get_preset
 from kdbook_utils.train import (
     CrossEntropy,
     Distiller,
@@ -194,8 +194,10 @@ def test_fit_rejects_bad_settings_before_training() -> None:
         fit(small_resnet(), train, epochs=1, schedule="linear", progress=False)
     with pytest.raises(ValueError, match="epochs must be a positive integer"):
         fit(small_resnet(), train, epochs=0, progress=False)
-    with pytest.raises(ValueError, match="amp must be"):
-        fit(small_resnet(), train, epochs=1, amp="fp8", progress=False)
+    with pytest.raises(ValueError, match="Unknown precision 'fp8'"):
+        fit(small_resnet(), train, epochs=1, precision="fp8", progress=False)
+    with pytest.raises(ValueError, match="divergence_factor must be a number above 1"):
+        fit(small_resnet(), train, epochs=1, divergence_factor=0.5, progress=False)
 
     class NoLosses(Distiller):
         def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -490,40 +492,90 @@ def test_no_public_trainer_or_evaluator_defaults_to_a_hard_coded_device() -> Non
     assert not offenders, "device must default to None (the device rule): " + "; ".join(offenders)
 
 
-def test_the_device_rule_follows_the_preset(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KDBOOK_PRESET", "quick")
-    assert resolve_device(None) == torch.device("cpu")
-    assert resolve_device("cpu") == torch.device("cpu")
-
-
-def test_cpu_bfloat16_default_follows_the_preset_and_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_hidden_state_device_and_precision_are_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in training reads $KDBOOK_PRESET: None is 'auto' and float32 whatever the environment says."""
     cpu = torch.device("cpu")
     monkeypatch.setattr(train_module, "cpu_runs_bfloat16_natively", lambda: True)
-    monkeypatch.setenv("KDBOOK_PRESET", "quick")  # cpu_bf16 off
-    assert train_module.autocast_dtype(None, cpu) is None
-    monkeypatch.setenv("KDBOOK_PRESET", "lab")
-    assert get_preset().cpu_bf16 == (train_module.autocast_dtype(None, cpu) is torch.bfloat16)
+    for name in ("quick", "lab"):
+        monkeypatch.setenv("KDBOOK_PRESET", name)
+        assert resolve_device(None) == train_module.choose_device("auto")
+        assert train_module.check_precision(None, cpu) is None
+    assert resolve_device("cpu") == cpu
+
+
+def test_a_presets_precision_rule_follows_the_preset_and_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_module, "cpu_runs_bfloat16_natively", lambda: True)
+    monkeypatch.setenv("KDBOOK_PRESET", "quick")  # the environment plays no part
+    assert train_module.preset_precision(get_preset("quick"), cpu) is None  # cpu_bf16 off
+    assert train_module.preset_precision(get_preset("lab"), cpu) is torch.bfloat16
+    assert train_module.preset_precision(get_preset("lab").replace(cpu_bf16=False), cpu) is None
     monkeypatch.setattr(train_module, "cpu_runs_bfloat16_natively", lambda: False)  # emulated: stay float32
-    assert train_module.autocast_dtype(None, cpu) is None
-    assert (
-        train_module.autocast_dtype(False, cpu) is None
-        and train_module.autocast_dtype("bf16", cpu) is torch.bfloat16
-    )
+    assert train_module.preset_precision(get_preset("lab"), cpu) is None
+    assert train_module.check_precision("bf16", cpu) is torch.bfloat16
+    assert train_module.precision_name(torch.bfloat16) == "bfloat16" and train_module.precision_name(None) == "float32"
     with pytest.raises(TypeError, match="cpu_bf16"):
         get_preset("lab").replace(cpu_bf16="yes")
+    with pytest.raises(TypeError, match="a Preset"):
+        train_module.preset_precision("lab", cpu)  # type: ignore[arg-type]
 
 
-def test_an_active_preset_is_the_current_one_for_the_rules_of_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(train_module, "cpu_runs_bfloat16_natively", lambda: True)
-    monkeypatch.setenv("KDBOOK_PRESET", "quick")
-    lab = get_preset("lab")
-    with active_preset(lab):
-        assert get_preset() is lab and get_preset("quick").name == "quick"  # a name still wins
-        assert train_module.autocast_dtype(None, cpu) is torch.bfloat16
-        with active_preset(lab.replace(cpu_bf16=False)):
-            assert train_module.autocast_dtype(None, cpu) is None
-        assert get_preset() is lab
-    assert get_preset().name == "quick" and train_module.autocast_dtype(None, cpu) is None
-    with pytest.raises(TypeError, match="a Preset"), active_preset("lab"):  # type: ignore[arg-type]
-        pass
+def test_fit_trains_in_the_precision_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.dtype] = []
+
+    class Recorder(CrossEntropy):
+        def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+            return super().forward(images, labels)
+
+    train, _ = loaders()
+    fit(Recorder(small_resnet()), train, epochs=1, precision="bf16", progress=False)
+    fit(Recorder(small_resnet()), train, epochs=1, progress=False)
+    batches = len(list(train))
+    assert seen == [torch.bfloat16] * batches + [torch.float32] * batches
+
+
+def test_train_step_is_one_sgd_step_on_the_sum_of_the_terms() -> None:
+    """train_step's update equals a hand-made SGD step on the sum of the method's terms."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    images, labels = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    class TwoTerms(Distiller):
+        def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            logits = self.student(images)
+            return logits, {"ce": F.cross_entropy(logits, labels), "l2": 0.1 * logits.pow(2).mean()}
+
+    expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    logits = model(images)
+    total = F.cross_entropy(logits, labels) + 0.1 * logits.pow(2).mean()
+    gradients = torch.autograd.grad(total, list(model.parameters()))
+    for (name, _), gradient in zip(model.named_parameters(), gradients):
+        expected[name] -= 0.5 * gradient
+    method = TwoTerms(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    out, losses = train_module.train_step(method, images, labels, optimizer, train_module.grad_scaler(None, cpu_device()))
+    assert set(losses) == {"ce", "l2"} and out.shape == (8, 3)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), expected[name])
+
+
+def cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def test_fit_stops_on_divergence_and_puts_the_last_good_epoch_back() -> None:
+    """lr=100 (a typo for 0.1): the loss grows by orders of magnitude without turning NaN at once."""
+    train, _ = loaders(batch_size=32)
+    model = small_resnet()
+    with pytest.raises(train_module.DivergedError, match="diverged at epoch") as stopped:
+        fit(model, train, epochs=6, lr=100.0, progress=False)
+    assert "lr=0.05" in str(stopped.value) and "times the first batch's" in str(stopped.value)
+    history = stopped.value.history
+    assert len(history) < 6
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+    # A sane rate trains on: the same run at lr=0.05 does not stop.
+    assert len(fit(small_resnet(), train, epochs=2, lr=0.05, progress=False)) == 2
+
+
