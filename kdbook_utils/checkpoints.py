@@ -36,8 +36,7 @@ import os
 import pickle
 import re
 import tempfile
-import urllib.error
-import urllib.parse
+import json
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -56,14 +55,16 @@ __all__ = [
     "CorruptCheckpointError",
     "NotACheckpointError",
     "UnverifiedCheckpointWarning",
+    "ShippedModelError",
     "cache_dir",
-    "checkpoint_path",
     "content_sha256",
-    "download_checkpoint",
+    "file_sha256",
     "load_checkpoint",
     "load_or_train",
     "read_checkpoint",
     "save_checkpoint",
+    "shipped_model",
+    "shipped_models",
 ]
 
 CACHE_ENV_VAR = "KDBOOK_CACHE"
@@ -93,27 +94,6 @@ def cache_dir() -> Path:
     directory = Path(configured).expanduser() if configured else Path.home() / ".cache" / "kdbook"
     directory.mkdir(parents=True, exist_ok=True)
     return directory
-
-
-def checkpoint_path(arch: str, dataset: str, preset: str, seed: int, tag: str = "") -> Path:
-    """Where a trained model is cached, e.g. ``<cache>/checkpoints/resnet32_digits_quick_seed0.pt``.
-
-    ``tag`` tells apart variants of the same run (e.g. ``"30ep"`` for a longer schedule).
-    """
-    parts = [arch, dataset, preset, f"seed{seed}"] + ([tag] if tag else [])
-    name = "_".join(str(part) for part in parts)
-    if any(separator in name for separator in ("/", "\\", os.sep)):
-        raise ValueError(
-            must_be(
-                "The parts of a checkpoint name",
-                "free of path separators",
-                name,
-                f"Use plain names; set ${CACHE_ENV_VAR} to choose the folder.",
-            )
-        )
-    directory = cache_dir() / "checkpoints"
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory / f"{name}.pt"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -172,8 +152,21 @@ def history_to_dict(history: pd.DataFrame) -> dict[str, list]:
     }
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    storage: torch.dtype | None = None,
+    leave_out: tuple[str, ...] = (),
+    **metadata: Any,
+) -> Path:
     """Write ``model``'s weights, architecture, class count and ``metadata`` to ``path``, atomically.
+
+    ``storage=torch.float16`` stores floating-point weights in half precision (half the file; loading
+    converts them back to the model's dtype). ``leave_out`` names state-dict prefixes not to store, e.g.
+    ``("backbone.",)`` for exit heads trained on a frozen teacher that the loader rebuilds itself; the
+    checkpoint records them (``metadata["left_out"]``) and :func:`load_checkpoint` leaves those weights
+    as the model has them.
 
     The checkpoint carries the SHA-256 of its contents (:func:`content_sha256`), checked at load. The
     file is written to a temporary name in the same directory, flushed to disk (fsync), then renamed over
@@ -189,9 +182,15 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
         key: history_to_dict(value) if isinstance(value, pd.DataFrame) else value
         for key, value in metadata.items()
     }
+    if leave_out:
+        metadata["left_out"] = list(leave_out)
     _check_plain(metadata, "metadata")
     arch, num_classes = _describe(model)
-    state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state_dict = {
+        name: _stored(tensor, storage)
+        for name, tensor in model.state_dict().items()
+        if not (leave_out and name.startswith(leave_out))
+    }
     checkpoint: dict[str, Any] = {
         "arch": arch,
         "num_classes": num_classes,
@@ -213,6 +212,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def _stored(tensor: torch.Tensor, storage: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.to(storage) if storage is not None and tensor.is_floating_point() else tensor
 
 
 def content_sha256(checkpoint: Mapping[str, Any]) -> str:
@@ -392,8 +396,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]
             f"classes, model is {arch} with {num_classes} classes. Load it into "
             f"create_model({checkpoint['arch']!r}, {checkpoint['num_classes']}), or pick this model's checkpoint."
         )
+    left_out = tuple(checkpoint["metadata"].get("left_out", ()))
     try:
-        model.load_state_dict(checkpoint["state_dict"])
+        missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=not left_out)
+        stray = [name for name in missing if not name.startswith(left_out)] + list(unexpected)
+        if stray:
+            raise RuntimeError(f"keys that do not match: {stray[:5]}")
     except RuntimeError as error:  # e.g. same name, different in_channels or width
         raise CheckpointError(
             f"The weights in {path} do not fit this {arch}: {error}. Create the model with the options it was "
@@ -446,12 +454,8 @@ def load_or_train(
     return model, history, False
 
 
-# --------------------------------------------------------------------------------------------------------
-# Downloads (instructors may host trained teachers)
-# --------------------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hexadecimal."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -459,49 +463,44 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_checkpoint(url: str, sha256: str, filename: str | None = None, progress: bool = True) -> Path:
-    """Download ``url`` into ``<cache>/downloads`` and check its SHA-256; returns the file's path.
+# --------------------------------------------------------------------------------------------------------
+# Shipped models: trained teachers that travel with the package
+# --------------------------------------------------------------------------------------------------------
 
-    A file already there with the right hash is used without downloading. A download whose hash differs
-    from ``sha256`` is deleted and raises a ``CheckpointError`` naming the expected and actual hashes.
-    If the URL cannot be reached (e.g. offline), the error says where to put the file by hand.
+SHIPPED = Path(__file__).resolve().parent / "teachers"
+"""The package's trained teachers: ``<name>_<recipe hash>.pt`` files and ``manifest.json``, which records
+each file's SHA-256, its recipe, what it was trained on, its precision and its test accuracy."""
+
+MANIFEST = "manifest.json"
+
+
+class ShippedModelError(CheckpointError):
+    """A shipped model file whose bytes do not match the SHA-256 its manifest records."""
+
+
+def shipped_models(folder: Path = SHIPPED) -> dict[str, dict[str, Any]]:
+    """The manifest of the shipped models, ``{file name: record}`` (empty when none ship)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())["models"]
+
+
+def shipped_model(filename: str, folder: Path = SHIPPED) -> tuple[Path, dict[str, Any]] | None:
+    """The shipped file ``filename`` and its manifest record, its SHA-256 checked; None if none ships.
+
+    A file whose bytes differ from the manifest's SHA-256 (damaged, or replaced by hand) raises a
+    :class:`ShippedModelError` naming both hashes; it is never loaded.
     """
-    expected = sha256.strip().lower()
-    if len(expected) != 64 or any(character not in "0123456789abcdef" for character in expected):
-        raise ValueError(
-            must_be("sha256", "64 hexadecimal digits", sha256, "Copy the SHA-256 published with the file.")
+    record = shipped_models(folder).get(filename)
+    path = folder / filename
+    if record is None or not path.is_file():
+        return None
+    actual = file_sha256(path)
+    if actual != record["sha256"]:
+        raise ShippedModelError(
+            f"The shipped model {path} has SHA-256 {actual}, but the package's manifest records "
+            f"{record['sha256']}: the file was damaged or changed. Reinstall the package (pip install "
+            "--force-reinstall kdbook-utils), or train the teacher yourself (the lesson's train_teachers)."
         )
-    name = filename or Path(urllib.parse.urlparse(url).path).name
-    if not name:
-        raise ValueError(
-            must_be("The URL", "one that ends in a file name", url, "Pass filename=... to name the file.")
-        )
-    directory = cache_dir() / "downloads"
-    directory.mkdir(parents=True, exist_ok=True)
-    destination = directory / name
-    if destination.is_file():
-        if _sha256(destination) == expected:
-            return destination
-        destination.unlink()  # stale or damaged: fetch it again
-
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
-    os.close(handle)
-    try:
-        try:
-            torch.hub.download_url_to_file(url, temporary, progress=progress)
-        except (urllib.error.URLError, OSError) as error:
-            raise CheckpointError(
-                f"Could not download {url} ({error}). If this machine is offline, fetch the file on another "
-                f"machine and place it at {destination} (its SHA-256 must be {expected})."
-            ) from error
-        actual = _sha256(Path(temporary))
-        if actual != expected:
-            raise CheckpointError(
-                f"The file downloaded from {url} has SHA-256 {actual}, expected {expected}; it was deleted. "
-                "The file on the server may have changed, or the download was damaged."
-            )
-        os.replace(temporary, destination)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-    return destination
+    return path, record

@@ -181,6 +181,23 @@ class ImageDataset:
             )
         return self._select(_stratified_sample(self.labels, self.num_classes, int(size), seed), seed)
 
+    def without_classes(self, classes: Sequence[int]) -> ImageDataset:
+        """A copy without any image of ``classes`` (class indices), e.g. a transfer set that never shows the
+        student one digit. The split's name records what was left out."""
+        leave_out = sorted({int(label) for label in classes})
+        bad = [label for label in leave_out if not 0 <= label < self.num_classes]
+        if bad or not leave_out:
+            raise ValueError(
+                f"without_classes needs class indices from 0 to {self.num_classes - 1}; got {list(classes)!r}."
+            )
+        keep = torch.nonzero(~torch.isin(self.labels, torch.tensor(leave_out))).flatten()
+        if len(keep) == 0:
+            raise ValueError(f"Leaving out classes {leave_out} leaves no image of this data set.")
+        chosen = self._select(keep, self.subset_seed or 0)
+        chosen.split = f"{self.split} without classes {leave_out}"
+        chosen.subset_of, chosen.subset_seed = self.subset_of, self.subset_seed
+        return chosen
+
     def holdout(self, size: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
         """Split off a stratified random ``size`` images: ``(the rest, the held-out part)``.
 
@@ -224,6 +241,19 @@ class ImageDataset:
             return self
         images = F.interpolate(self.images.float(), size=(int(size), int(size)), mode="area")
         return dataclasses.replace(self, images=images.round().clamp(0, 255).to(torch.uint8))
+
+    def identity(self) -> str:
+        """What this data set is, in words, without its pixels: name, split, size, how it was drawn and the
+        image shape, e.g. ``"cifar10/train n=48000 subset of 50000 seed 1234 3x32x32"``.
+
+        Trained models are cached under it (not under :meth:`digest`), so a teacher trained on one copy of
+        a data set (CIFAR-10 as JPEG files, say) is found for another (torchvision's download): the two
+        differ in their last bits, not in which images they are. Subsets are drawn class by class, by rank
+        within each class, so the same seed draws the same images from either copy.
+        """
+        drawn = f" subset of {self.subset_of} seed {self.subset_seed}" if self.subset_of is not None else ""
+        shape = "x".join(str(size) for size in self.image_shape)
+        return f"{self.name}/{self.split} n={len(self)}{drawn} {shape}"
 
     def digest(self) -> str:
         """A short checksum of the pixels and labels (computed once): two data sets with the same digest
@@ -925,13 +955,19 @@ class TensorLoader:
 
     @property
     def fingerprint(self) -> str:
-        """A stable string naming the data (with a checksum), augmentation, batching and seed."""
-        data = self.dataset
-        drawn = f" subset of {data.subset_of} seed {data.subset_seed}" if data.subset_of is not None else ""
-        shape = "x".join(str(size) for size in data.image_shape)
+        """A stable string naming the data (with a checksum of its pixels), augmentation, batching and seed:
+        two loaders with the same fingerprint yield the same batches."""
+        return f"{self.dataset.identity()} data={self.dataset.digest()} | {self._plan()}"
+
+    @property
+    def identity(self) -> str:
+        """:meth:`fingerprint` without the pixel checksum: what trained models are cached under (see
+        :meth:`ImageDataset.identity`)."""
+        return f"{self.dataset.identity()} | {self._plan()}"
+
+    def _plan(self) -> str:
         return (
-            f"{data.name}/{data.split} n={len(data)}{drawn} {shape} data={data.digest()}"
-            f" | augment={self.augmentation} shuffle={self.shuffle} batch={self.batch_size}"
+            f"augment={self.augmentation} shuffle={self.shuffle} batch={self.batch_size}"
             f" drop_last={self.drop_last} seed={self.seed}"
         )
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdbook_utils import distributed
-from kdbook_utils.checkpoints import cache_dir, load_checkpoint, load_or_train, save_checkpoint
+from kdbook_utils.checkpoints import cache_dir, load_checkpoint, load_or_train, save_checkpoint, shipped_model
 from kdbook_utils.data import DataSplits, ImageDataset, TensorLoader
 from kdbook_utils.methods.crosslayer import adapt_teacher
 from kdbook_utils.methods.mskd import ExitHeadsCrossEntropy, MultiExitCrossEntropy, exit_accuracies
@@ -49,12 +49,15 @@ from kdbook_utils.models import create_model
 from kdbook_utils.models.multi_exit import MultiExit, reinitialise
 from kdbook_utils.train import (
     DeviceLike,
+    DivergedError,
     NonFiniteLossError,
+    Precision,
     TeacherOutputs,
     as_method,
     fit,
     freeze,
     output_names,
+    precision_name,
     predict,
     resolve_device,
     run_with_features,
@@ -103,18 +106,37 @@ def _eval_loader(data: ImageDataset, device: torch.device) -> TensorLoader:
 @dataclass
 class TrainedModel:
     """A model from :func:`cached_model`: the network (eval mode), its training history (None if it was
-    not recorded), the cache file, and whether it was loaded rather than trained."""
+    not recorded), the file it came from, and where that was: ``"trained"`` (in this call), ``"cache"``
+    (trained before on this machine) or ``"shipped"`` (trained once by the course and shipped with the
+    package; ``record`` then holds its manifest entry: what it was trained on, its precision, its test
+    accuracy)."""
 
     model: nn.Module
     history: pd.DataFrame | None
     path: Path
-    loaded: bool
+    source: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights came from a file rather than from training in this call."""
+        return self.source != "trained"
+
+
+class TeacherNotTrainedError(RuntimeError):
+    """A lesson asked for a teacher that is neither cached nor shipped, and may not train it itself."""
 
 
 def recipe_hash(recipe: Mapping[str, Any]) -> str:
     """A short stable hash of a recipe (a dict of plain values): the tail of a cache file's name."""
     text = json.dumps(recipe, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def model_file_name(name: str, recipe: Mapping[str, Any]) -> str:
+    """The one naming rule for trained models: ``<name>_<hash>.pt``, ``hash`` the :func:`recipe_hash` of
+    everything that made the model except the precision it trained in (see :func:`cached_model`)."""
+    return f"{name}_{recipe_hash({k: v for k, v in recipe.items() if k != 'precision'})}.pt"
 
 
 def cached_model(
@@ -124,45 +146,73 @@ def cached_model(
     train: Callable[[nn.Module], pd.DataFrame | None],
     *,
     device: DeviceLike = None,
+    may_train: bool = True,
     quiet: bool = False,
 ) -> TrainedModel:
-    """Load a trained model from the cache, or build it, train it and cache it.
+    """Load a trained model from the cache or the package's shipped models, or build, train and cache it.
 
-    The one naming rule for cache files: ``<cache>/models/<name>_<hash>.pt``, where ``name`` says what the
-    model is (e.g. ``resnet20_digits32px_seed0``) and ``hash`` is :func:`recipe_hash` of everything that
-    made it (architecture, options, data fingerprint, epochs, learning rate, ...). A change of any of them
-    gives another file, so a stale model is never loaded. ``build(will_train)`` makes the untrained
-    network (``will_train`` is False when its weights will come from the file); ``train(model)`` trains it
-    in place and returns its history. The model comes back frozen (:func:`~kdbook_utils.train.freeze`) on
-    ``device``.
+    ``name`` says what the model is (e.g. ``resnet20_digits32px_seed0``) and ``recipe`` is everything that
+    made it: architecture, options, the training data's :meth:`~kdbook_utils.data.ImageDataset.identity`,
+    epochs, learning rate, seed, and ``precision`` (the one it trains in). A change of any of them gives
+    another model. Looked for, in order:
+
+    1. the cache, ``<cache>/models/<name>_<hash>_<precision>.pt``: trained on this machine before, in this
+       precision;
+    2. the shipped models (:data:`kdbook_utils.checkpoints.SHIPPED`), ``<name>_<hash>.pt``: trained once
+       by the course with the same recipe (``python -m kdbook_utils teachers``), in the precision its
+       manifest names, and used whatever precision this run trains in: it is the course's teacher;
+    3. otherwise it is trained here, if ``may_train``, else a :class:`TeacherNotTrainedError` says how to
+       get it.
+
+    ``build(will_train)`` makes the untrained network (``will_train`` is False when its weights will come
+    from a file); ``train(model)`` trains it in place and returns its history. The model comes back
+    frozen (:func:`~kdbook_utils.train.freeze`) on ``device``, with ``model.cache_key`` set to its file
+    name (stem), which the recipes of models derived from it (exit heads, adapters) name.
 
     Under ``torchrun`` every process trains the model together (``fit`` splits the work); only process 0
     writes the file, and the others wait for it at a barrier, then load it.
     """
     if any(separator in name for separator in ("/", "\\")):
         raise ValueError(f"A cache name must not contain path separators; got {name!r}.")
-    path = cache_dir() / "models" / f"{name}_{recipe_hash(recipe)}.pt"
+    shipped_name = model_file_name(name, recipe)
+    path = cache_dir() / "models" / shipped_name.replace(".pt", f"_{recipe.get('precision', 'float32')}.pt")
     device = resolve_device(device)
-    will_train = distributed.broadcast_object(not path.is_file())  # process 0 decides for all
+    shipped = None if path.is_file() else shipped_model(shipped_name)
+    will_train = distributed.broadcast_object(not path.is_file() and shipped is None)  # process 0 decides
+    if will_train and not may_train:
+        raise TeacherNotTrainedError(
+            f"{name} (recipe {shipped_name}) is neither in the cache ({path.parent}) nor shipped with the "
+            "package, and this preset does not train teachers in a lesson (it would take a while on a CPU). "
+            "To train it here, ask for it: PRESET = PRESET.replace(train_teachers=True) in the parameters "
+            "cell, or train every teacher of a lesson once with `python -m kdbook_utils teachers LESSON "
+            "--preset PRESET`."
+        )
     model = build(will_train)
     started = time.perf_counter()
-    if will_train and distributed.is_active():
+    record: dict[str, Any] = {}
+    if shipped is not None:
+        path, record = shipped
+        history = load_checkpoint(model, path).get("history")
+        history, source = (pd.DataFrame(history) if history is not None else None), "shipped"
+    elif will_train and distributed.is_active():
         history = train(model)
         if distributed.is_main_process():
             save_checkpoint(model, path, recipe=dict(recipe), history=history)
         distributed.barrier()
         if not distributed.is_main_process():
             load_checkpoint(model, path)
-        loaded = False
+        source = "trained"
     else:
         model, history, loaded = load_or_train(model, path, train, recipe=dict(recipe))
+        source = "cache" if loaded else "trained"
     freeze(model.to(device))
+    model.cache_key = shipped_name.removesuffix(".pt")
     if not quiet and distributed.is_main_process():
-        if loaded:
-            print(f"Loaded {name} from the cache: {path}")
-        else:
+        if source == "trained":
             print(f"Trained {name} in {time.perf_counter() - started:.0f} s; saved to {path}")
-    return TrainedModel(model, history, path, loaded)
+        else:
+            print(f"Loaded {name} from the {'package (shipped)' if source == 'shipped' else 'cache'}: {path}")
+    return TrainedModel(model, history, path, source, record)
 
 
 def cached_teacher(
@@ -177,15 +227,19 @@ def cached_teacher(
     pretrained: bool = False,
     download: bool = False,
     device: DeviceLike = None,
+    precision: Precision = None,
+    may_train: bool = True,
     progress: bool = True,
 ) -> TrainedModel:
     """The teacher ``arch`` trained with cross-entropy on ``data.train`` (validated on ``data.val``),
-    loaded from the cache when it was trained before with the same recipe.
+    loaded from the cache or the shipped models when it was trained before with the same recipe
+    (:func:`cached_model`).
 
     ``data`` is the preset's :class:`~kdbook_utils.data.DataSplits` (or a ``(train, val)`` pair). The
     images are augmented with random crops (:func:`default_padding`) and, where it keeps the class, flips.
-    ``pretrained=True`` starts from ImageNet weights (torchvision teachers only: they are looked for in
-    the torch hub cache, downloaded only with ``download=True``) and fine-tunes them.
+    ``precision`` is the precision it trains in (None: float32), ``device`` where. ``pretrained=True``
+    starts from ImageNet weights (torchvision teachers only: they are looked for in the torch hub cache,
+    downloaded only with ``download=True``) and fine-tunes them.
     """
     train_data, val_data = data[0], data[1]
     options = dict(model_options or {})
@@ -195,8 +249,8 @@ def cached_teacher(
     loader = _loaders(train_data, batch_size, seed, device)
     recipe = {
         "kind": "teacher", "arch": arch, "options": options, "pretrained": pretrained, "epochs": epochs,
-        "lr": lr, "batch_size": batch_size, "seed": seed, "train_data": loader.fingerprint,
-        "num_classes": train_data.num_classes,
+        "lr": lr, "batch_size": batch_size, "seed": seed, "train_data": loader.identity,
+        "num_classes": train_data.num_classes, "precision": precision_name(precision),
     }  # fmt: skip
 
     def build(will_train: bool) -> nn.Module:
@@ -208,11 +262,11 @@ def cached_teacher(
 
     def train(model: nn.Module) -> pd.DataFrame:
         return fit(model, loader, _eval_loader(val_data, device), epochs=epochs, lr=lr, device=device,
-                   progress=progress, desc=f"teacher {arch}")  # fmt: skip
+                   precision=precision, progress=progress, desc=f"teacher {arch}")  # fmt: skip
 
     size = train_data.image_shape[-1]
     name = f"{arch}_{train_data.name}{size}px_seed{seed}" + ("_imagenet" if pretrained else "")
-    return cached_model(name, recipe, build, train, device=device)
+    return cached_model(name, recipe, build, train, device=device, may_train=may_train)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -223,6 +277,12 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def teacher_identity(teacher: nn.Module) -> str:
+    """How the recipe of a model derived from ``teacher`` names it: its cache key when it came from
+    :func:`cached_model` (the recipe that made it), else a fingerprint of its weights."""
+    return str(getattr(teacher, "cache_key", None) or model_fingerprint(teacher))
 
 
 def cached_teacher_exits(
@@ -237,9 +297,11 @@ def cached_teacher_exits(
     heads: str = "copy",
     joint_from_scratch: bool = False,
     device: DeviceLike = None,
+    precision: Precision = None,
+    may_train: bool = True,
     progress: bool = True,
-) -> MultiExit:
-    """A multi-exit teacher for OtO (lesson 4), cached.
+) -> TrainedModel:
+    """A multi-exit teacher for OtO (lesson 4), cached (its ``model`` is a ``MultiExit``).
 
     Default: exit heads are attached to a copy of the trained ``teacher`` and trained with cross-entropy
     while its backbone stays frozen (:class:`~kdbook_utils.methods.mskd.ExitHeadsCrossEntropy`), so the
@@ -251,9 +313,9 @@ def cached_teacher_exits(
     loader = _loaders(train_data, batch_size, seed, device)
     input_shape = train_data.image_shape
     recipe = {
-        "kind": "teacher exits", "teacher": model_fingerprint(teacher), "exits": list(exits or []),
+        "kind": "teacher exits", "teacher": teacher_identity(teacher), "exits": list(exits or []),
         "heads": heads, "joint": joint_from_scratch, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "seed": seed, "train_data": loader.fingerprint,
+        "seed": seed, "train_data": loader.identity, "precision": precision_name(precision),
     }  # fmt: skip
 
     def build(will_train: bool) -> nn.Module:
@@ -267,11 +329,11 @@ def cached_teacher_exits(
     def train(network: nn.Module) -> pd.DataFrame:
         method = MultiExitCrossEntropy(network) if joint_from_scratch else ExitHeadsCrossEntropy(network)
         return fit(method, loader, _eval_loader(val_data, device), epochs=epochs, lr=lr, device=device,
-                   progress=progress, desc="teacher exits")  # fmt: skip
+                   precision=precision, progress=progress, desc="teacher exits")  # fmt: skip
 
     variant = "joint" if joint_from_scratch else "frozen"
     name = f"{getattr(teacher, 'arch', 'teacher')}-exits-{heads}-{variant}_{train_data.name}_seed{seed}"
-    return cached_model(name, recipe, build, train, device=device).model
+    return cached_model(name, recipe, build, train, device=device, may_train=may_train)
 
 
 def cached_adapted_teacher(
@@ -284,8 +346,10 @@ def cached_adapted_teacher(
     batch_size: int = 128,
     seed: int = 0,
     device: DeviceLike = None,
+    precision: Precision = None,
+    may_train: bool = True,
     progress: bool = True,
-) -> nn.Module:
+) -> TrainedModel:
     """``teacher`` with 1x1-conv channel adapters to ``student``'s widths (lesson 3,
     :func:`~kdbook_utils.methods.crosslayer.adapt_teacher`), fine-tuned with cross-entropy so the
     reduced maps stay useful for the task, then frozen; cached."""
@@ -293,9 +357,9 @@ def cached_adapted_teacher(
     device = resolve_device(device)
     loader = _loaders(train_data, batch_size, seed, device)
     recipe = {
-        "kind": "adapted teacher", "teacher": model_fingerprint(teacher), "student": str(getattr(student, "arch", "")),
+        "kind": "adapted teacher", "teacher": teacher_identity(teacher), "student": str(getattr(student, "arch", "")),
         "student_points": list(student.feature_points), "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "seed": seed, "train_data": loader.fingerprint,
+        "seed": seed, "train_data": loader.identity, "precision": precision_name(precision),
     }  # fmt: skip
 
     def build(will_train: bool) -> nn.Module:
@@ -305,10 +369,10 @@ def cached_adapted_teacher(
 
     def train(adapted: nn.Module) -> pd.DataFrame:
         return fit(adapted, loader, _eval_loader(val_data, device), epochs=epochs, lr=lr, device=device,
-                   progress=progress, desc="adapters")  # fmt: skip
+                   precision=precision, progress=progress, desc="adapters")  # fmt: skip
 
     name = f"{getattr(teacher, 'arch', 'teacher')}+adapters_{train_data.name}_seed{seed}"
-    return cached_model(name, recipe, build, train, device=device).model
+    return cached_model(name, recipe, build, train, device=device, may_train=may_train)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -581,6 +645,7 @@ def train_student(
     splits: Sequence[str] = ("val", "test"),
     keep_logits: bool = False,
     device: DeviceLike = None,
+    precision: Precision = None,
     progress: bool = False,
     **fit_options: Any,
 ) -> StudentRun:
@@ -592,8 +657,9 @@ def train_student(
     network itself for plain training); the trained network is the method's ``student`` (e.g. a
     ``MultiExit`` that the method wrapped around the plain student). The student is measured on
     ``splits`` of ``data``: accuracy in percent per output (a multi-exit student: every exit and their
-    ensemble). A run whose loss became NaN is returned flagged as failed rather than raised.
-    ``fit_options`` go to :func:`~kdbook_utils.train.fit` (e.g. ``amp="bf16"``).
+    ensemble). A run whose loss became NaN or diverged is returned flagged as failed rather than raised.
+    ``device`` and ``precision`` are where and how it trains (see :func:`~kdbook_utils.train.fit`); other
+    ``fit_options`` go to ``fit`` too (e.g. ``grad_clip=1.0``).
     """
     device = resolve_device(device)
     loader = _loaders(data.train, batch_size, seed, device, augment=augment)
@@ -605,10 +671,11 @@ def train_student(
     started = time.perf_counter()
     failed = ""
     try:
-        history = fit(trainer, loader, epochs=epochs, lr=lr, device=device, progress=progress, **fit_options)
-    except NonFiniteLossError as error:
+        history = fit(trainer, loader, epochs=epochs, lr=lr, device=device, precision=precision,
+                      progress=progress, **fit_options)  # fmt: skip
+    except NonFiniteLossError as error:  # NaN, or diverged
         history = getattr(error, "history", pd.DataFrame())
-        failed = f"non-finite loss ({error})"
+        failed = f"{'diverged' if isinstance(error, DivergedError) else 'non-finite loss'} ({error})"
     finally:
         trainer.use_teacher_cache(None)
     seconds = time.perf_counter() - started

@@ -25,17 +25,17 @@ from kdbook_utils.checkpoints import (
     CheckpointError,
     CorruptCheckpointError,
     NotACheckpointError,
-    checkpoint_path,
-    download_checkpoint,
     load_checkpoint,
     load_or_train,
     save_checkpoint,
 )
 from kdbook_utils.features import FeatureExtractor
+from kdbook_utils.lessons.hinton import HintonLesson
 from kdbook_utils.metrics import accuracy, confusion_matrix, count_flops, per_class_accuracy
 from kdbook_utils.models import create_model
 from kdbook_utils.plots import heatmap_grid, image_grid, plot_history, results_bar
 from kdbook_utils.presets import Preset, get_preset
+from kdbook_utils.train import fit
 from kdbook_utils.widgets import interactive_figure, layer_dropdown, make_control
 
 
@@ -274,14 +274,14 @@ CASES: dict[str, Case] = {
         "numpy.float64",
         "x.item()",
     ),
-    "checkpoint: a path in a name part": Case(
-        lambda _: checkpoint_path("../resnet8", "digits", "quick", 0),
-        ValueError,
-        "'../resnet8",
-        "KDBOOK_CACHE",
+    "lesson: a preset renamed without its settings": Case(
+        lambda _: HintonLesson.settings_for(get_preset("quick").replace(name="my-quick")), ValueError,
+        "'my-quick'", "settings=SETTINGS['quick']",
     ),
-    "checkpoint: a malformed download hash": Case(
-        lambda tmp: download_checkpoint((tmp / "t.pt").as_uri(), "abc"), ValueError, "'abc'", "published"
+    "training: an unknown precision": Case(
+        lambda _: fit(nn.Linear(2, 2), [(torch.zeros(2, 1, 1, 2), torch.zeros(2, dtype=torch.long))], epochs=1,
+                      precision="fp8", progress=False),
+        ValueError, "'fp8'", "preset_precision(PRESET, DEVICE)",
     ),
     # ----------------------------------------------------------------------------------------- metrics
     "accuracy: a label out of range": Case(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -28,9 +29,7 @@ from kdbook_utils.checkpoints import (
     NotACheckpointError,
     UnverifiedCheckpointWarning,
     cache_dir,
-    checkpoint_path,
     content_sha256,
-    download_checkpoint,
     load_checkpoint,
     load_or_train,
     read_checkpoint,
@@ -67,16 +66,68 @@ def assert_same_state(first: nn.Module, second: nn.Module) -> None:
         assert torch.equal(value, second_state[name]), name
 
 
-def test_cache_dir_and_checkpoint_names(private_cache: Path) -> None:
+def test_cache_dir_is_made_where_kdbook_cache_points(private_cache: Path) -> None:
     assert cache_dir() == private_cache and private_cache.is_dir()
-    path = checkpoint_path("resnet32", "digits", "quick", 0)
-    assert path == private_cache / "checkpoints" / "resnet32_digits_quick_seed0.pt"
-    assert (
-        checkpoint_path("resnet8", "cifar10", "lab", 2, tag="30ep").name
-        == "resnet8_cifar10_lab_seed2_30ep.pt"
-    )
-    with pytest.raises(ValueError, match="path separators"):
-        checkpoint_path("../resnet8", "digits", "quick", 0)
+    assert checkpoints.CACHE_ENV_VAR == "KDBOOK_CACHE"
+
+
+def test_half_precision_storage_halves_the_file_and_loads_back_as_float32(tmp_path: Path) -> None:
+    model = trained_looking(seed=0)
+    full = save_checkpoint(model, tmp_path / "full.pt")
+    half = save_checkpoint(model, tmp_path / "half.pt", storage=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    fresh = trained_looking(seed=1)
+    load_checkpoint(fresh, half)
+    for name, value in model.state_dict().items():
+        loaded = fresh.state_dict()[name]
+        assert loaded.dtype == value.dtype, name  # back in the model's own dtype
+        if value.is_floating_point():
+            torch.testing.assert_close(loaded, value.half().to(value.dtype), rtol=0, atol=0)
+        else:
+            assert torch.equal(loaded, value), name  # integer buffers are stored as they are
+
+
+def test_left_out_weights_are_kept_from_the_model_and_nothing_else_may_be_missing(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    path = save_checkpoint(model, tmp_path / "heads.pt", leave_out=("0.",))
+    assert read_checkpoint(path)["metadata"]["left_out"] == ["0."]
+    assert set(read_checkpoint(path)["state_dict"]) == {"1.weight", "1.bias"}
+    other = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    kept = other[0].weight.detach().clone()
+    load_checkpoint(other, path)
+    assert torch.equal(other[0].weight, kept) and torch.equal(other[1].weight, model[1].weight)
+    plain = save_checkpoint(nn.Sequential(nn.Linear(3, 4)), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(other, plain)  # without left_out, a missing layer is an error
+
+
+def test_a_shipped_model_is_found_by_name_and_refused_when_its_bytes_changed(tmp_path: Path) -> None:
+    folder = tmp_path / "teachers"
+    path = save_checkpoint(trained_looking(seed=0), folder / "resnet_abc.pt", storage=torch.float16)
+    manifest = {"models": {"resnet_abc.pt": {"sha256": checkpoints.file_sha256(path), "test_accuracy": 90.0}}}
+    (folder / checkpoints.MANIFEST).write_text(json.dumps(manifest))
+    found, record = checkpoints.shipped_model("resnet_abc.pt", folder)
+    assert found == path and record["test_accuracy"] == 90.0
+    assert checkpoints.shipped_model("other.pt", folder) is None
+    assert checkpoints.shipped_model("resnet_abc.pt", tmp_path / "nothing") is None
+    with open(path, "r+b") as file:  # one byte changed: the manifest's SHA-256 no longer matches
+        file.seek(100)
+        byte = file.read(1)
+        file.seek(100)
+        file.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(checkpoints.ShippedModelError, match="Reinstall the package"):
+        checkpoints.shipped_model("resnet_abc.pt", folder)
+
+
+def test_the_shipped_manifest_matches_the_shipped_files() -> None:
+    """Every file the package ships is in its manifest with the right SHA-256, and the other way round."""
+    files = {path.name for path in checkpoints.SHIPPED.glob("*.pt")}
+    manifest = checkpoints.shipped_models()
+    assert files == set(manifest)
+    for name, record in manifest.items():
+        assert checkpoints.file_sha256(checkpoints.SHIPPED / name) == record["sha256"], name
+        for key in ("recipe", "trained_on", "precision", "stored_as", "test_accuracy", "command", "commit"):
+            assert key in record, f"{name}: the manifest lacks {key!r}"
 
 
 def test_round_trip_restores_weights_buffers_and_metadata(tmp_path: Path) -> None:
@@ -441,34 +492,3 @@ def test_load_or_train_retrains_a_corrupt_checkpoint_only_on_request(tmp_path: P
     with pytest.raises(NotACheckpointError):
         load_or_train(trained_looking(), path, train, retrain_if_corrupt=True)
     assert path.read_text() == "my notes"
-
-
-def test_download_checks_the_hash_and_reuses_a_verified_file(tmp_path: Path) -> None:
-    source = tmp_path / "hosted" / "teacher.pt"
-    source.parent.mkdir()
-    source.write_bytes(b"pretend these are weights" * 100)
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
-
-    downloaded = download_checkpoint(source.as_uri(), digest, progress=False)
-    assert downloaded == cache_dir() / "downloads" / "teacher.pt"
-    assert downloaded.read_bytes() == source.read_bytes()
-
-    source.unlink()  # a second call must not need the URL any more
-    assert download_checkpoint(source.as_uri(), digest.upper(), progress=False) == downloaded
-
-    wrong = "0" * 64
-    other = tmp_path / "hosted" / "other.pt"
-    other.write_bytes(b"something else")
-    actual = hashlib.sha256(b"something else").hexdigest()
-    with pytest.raises(CheckpointError, match=f"SHA-256 {actual}, expected {wrong}"):
-        download_checkpoint(other.as_uri(), wrong, progress=False)
-    assert sorted(p.name for p in (cache_dir() / "downloads").iterdir()) == ["teacher.pt"]
-
-
-def test_an_unreachable_url_says_where_to_put_the_file(tmp_path: Path) -> None:
-    missing = (tmp_path / "nowhere" / "teacher.pt").as_uri()
-    with pytest.raises(CheckpointError, match="Could not download.*place it at .*downloads.teacher.pt"):
-        download_checkpoint(missing, "a" * 64, progress=False)
-    with pytest.raises(ValueError, match="64 hexadecimal digits"):
-        download_checkpoint(missing, "abc")
-    assert checkpoints.CACHE_ENV_VAR == "KDBOOK_CACHE"
