@@ -45,7 +45,8 @@ from kdbook_utils.experiments import (
 from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.lessons.records import LESSONS, precision_name, record, results_path, run_provenance
 from kdbook_utils.lessons.sweep import RayExecutor, RunFolder, ray_available, start_ray
-from kdbook_utils.presets import PRESETS, Preset, active_preset
+from kdbook_utils.lessons.teachers import ship, train_teachers
+from kdbook_utils.presets import PRESETS, Preset
 from kdbook_utils.train import resolve_device
 
 __all__ = ["STAGES", "Stage", "main"]
@@ -58,8 +59,6 @@ class UsageError(Exception):
 STAGES: dict[str, dict[str, Stage]] = {name: entry.runner.STAGES for name, entry in LESSONS.items()}
 """Each lesson's stages, in the order its ``record()`` runs them (a stage's rows carry its name)."""
 
-SPLIT_OF_STAGE = {"final": "test"}
-"""The split a stage's comparison is read on: the final comparison on test, every choice on validation."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -113,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recorder.add_argument("lesson", help=f"one of {', '.join(LESSONS)}")
     _common(recorder, default_preset="lab")
+
+    teachers = commands.add_parser(
+        "teachers", help="train a lesson's teachers into the cache; --ship writes them into the package"
+    )
+    teachers.add_argument("lesson", help=f"one of {', '.join(LESSONS)}")
+    _common(teachers, default_preset="lab")
+    teachers.add_argument("--ship", action="store_true",
+                          help="write them, in half precision, into kdbook_utils/teachers with their manifest")  # fmt: skip
 
     show = commands.add_parser("show", help="print the comparison tables of results files")
     show.add_argument(
@@ -268,44 +275,43 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(
             '--ray needs Ray, which is not installed: pip install "kdbook-utils[scale]" (or pip install ray).'
         )
-    with active_preset(preset):  # fit's device and precision rules follow the preset run
-        device = _device(args.device, preset)
-        if spread:
-            distributed.init(device)
-        progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
-        started = time.perf_counter()
-        try:
-            splits = preset_data(preset, root=root)
-        except DatasetNotFoundError as error:
-            raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
-        entry = LESSONS[lesson]
-        runner: LessonRunner = entry.runner.prepare(
-            preset, splits, device=device, progress=progress, settings=settings
+    device = _device(args.device, preset)
+    if spread:
+        distributed.init(device)
+    progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
+    started = time.perf_counter()
+    try:
+        splits = preset_data(preset, root=root)
+    except DatasetNotFoundError as error:
+        raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
+    entry = LESSONS[lesson]
+    runner: LessonRunner = entry.runner.prepare(
+        preset, splits, device=device, progress=progress, settings=settings
+    )
+    executor = "one process, one run after the other"
+    if spread:
+        executor = f"torchrun, {distributed.world_size()} processes"
+    if args.ray:
+        gpus = (
+            args.gpus_per_run
+            if args.gpus_per_run is not None
+            else (1.0 if torch.cuda.is_available() else 0.0)
         )
-        executor = "one process, one run after the other"
-        if spread:
-            executor = f"torchrun, {distributed.world_size()} processes"
-        if args.ray:
-            gpus = (
-                args.gpus_per_run
-                if args.gpus_per_run is not None
-                else (1.0 if torch.cuda.is_available() else 0.0)
-            )
-            start_ray(args.ray_address, num_cpus=args.ray_cpus)
-            runner.executor = RayExecutor(RunFolder(args.out / ".runs" / preset.name / lesson), lesson, preset, settings,
-                                          root=root, device=args.device or preset.device, num_cpus=args.cpus_per_run,
-                                          num_gpus=gpus, progress=progress)  # fmt: skip
-            executor = f"Ray, {args.cpus_per_run:g} CPU and {gpus:g} GPU per run"
-        if args.stage:
-            runs = pd.concat(
-                [STAGES[lesson][stage].run(runner).assign(stage=stage) for stage in stages], ignore_index=True
-            )
-        else:
-            runs = runner.record()
-        precision = precision_name(device)
-        if args.ray:
-            done = runner.executor
-            print(f"Ray: {done.trained} run(s) trained, {done.reused} read back from {done.runs.folder}.")
+        start_ray(args.ray_address, num_cpus=args.ray_cpus)
+        runner.executor = RayExecutor(RunFolder(args.out / ".runs" / preset.name / lesson), lesson, preset, settings,
+                                      root=root, device=args.device or preset.device, num_cpus=args.cpus_per_run,
+                                      num_gpus=gpus, progress=progress)  # fmt: skip
+        executor = f"Ray, {args.cpus_per_run:g} CPU and {gpus:g} GPU per run"
+    if args.stage:
+        runs = pd.concat(
+            [STAGES[lesson][stage].run(runner).assign(stage=stage) for stage in stages], ignore_index=True
+        )
+    else:
+        runs = runner.record()
+    precision = precision_name(runner.precision)
+    if args.ray:
+        done = runner.executor
+        print(f"Ray: {done.trained} run(s) trained, {done.reused} read back from {done.runs.folder}.")
     provenance = run_provenance(lesson, preset, settings, device, time.perf_counter() - started,
                                 "python -m kdbook_utils " + shlex.join(argv), stages=stages,
                                 executor=executor, precision=precision)  # fmt: skip
@@ -329,6 +335,25 @@ def command_record(args: argparse.Namespace) -> int:
         raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
     print(f"Wrote {table_path} and {table_path.with_suffix('.json').name}.\n")
     print(comparison_text(*read_results(table_path.with_suffix(""))))
+    return 0
+
+
+def command_teachers(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    lesson = _lesson(args.lesson)
+    preset = _preset(args.preset, lesson)
+    root = _data_root(args.data, preset)
+    device = _device(args.device, preset)
+    progress = not args.quiet and sys.stderr.isatty()
+    try:
+        runner = train_teachers(LESSONS[lesson].runner, preset, root=root, device=device, progress=progress)
+    except DatasetNotFoundError as error:
+        raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
+    for role, model in runner.trained_models().items():
+        print(f"{role}: {model.path} ({model.source})")
+    if args.ship:
+        for shipped in ship(runner, "python -m kdbook_utils " + shlex.join(argv)):
+            print(f"shipped {shipped['file']}: {shipped['bytes'] / 1e6:.1f} MB, test accuracy "
+                  f"{shipped['test_accuracy']:.2f} % (float32 {shipped['test_accuracy_float32']:.2f} %)")  # fmt: skip
     return 0
 
 
@@ -371,12 +396,14 @@ def comparison_text(runs: pd.DataFrame, provenance: dict[str, Any]) -> str:
     stages = list(dict.fromkeys(runs["stage"])) if "stage" in runs.columns else [None]
     for stage in stages:
         part = runs if stage is None else runs[runs["stage"] == stage]
-        split = SPLIT_OF_STAGE.get(str(stage), "val")
+        declared = STAGES.get(lesson, {}).get(str(stage))
+        split = declared.split if declared is not None else "val"
+        output = declared.output if declared is not None else None
         if split not in set(part["split"]):
             split = str(part["split"].iloc[0])
-        lines.append(f"\nStage {stage} ({split} split, accuracy in %):")
+        lines.append(f"\nStage {stage} ({split} split{f', output {output!r}' if output else ''}, accuracy in %):")
         if baseline is not None and baseline in set(part["method"]):
-            comparison = compare(part, baseline, split=split)
+            comparison = compare(part, baseline, split=split, output=output)
             columns = ["mean", "std", "seeds", "difference", "ci_low", "ci_high", "verdict"]
             lines.append(comparison.table[columns].to_string(float_format=lambda x: f"{x:.2f}", na_rep="-"))
         else:
@@ -404,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_run(args, argv)
         if args.command == "record":
             return command_record(args)
+        if args.command == "teachers":
+            return command_teachers(args, argv)
         return command_show(args)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

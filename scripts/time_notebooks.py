@@ -80,12 +80,12 @@ def teacher_seconds(lesson: str, preset_name: str) -> float:
     sys.path.insert(0, str(ROOT))
     from kdbook_utils.data import preset_data
     from kdbook_utils.lessons.records import LESSONS
-    from kdbook_utils.presets import active_preset, get_preset
+    from kdbook_utils.presets import get_preset
 
     preset = get_preset(preset_name)
     runner = LESSONS[lesson].runner
     empty = tempfile.TemporaryDirectory(prefix="kdbook-teacher-timing-")
-    with empty as cache, mock.patch.dict(os.environ, {"KDBOOK_CACHE": cache}), active_preset(preset):
+    with empty as cache, mock.patch.dict(os.environ, {"KDBOOK_CACHE": cache}):
         splits = preset_data(preset)
         times = []
         for _ in ("empty cache", "cached"):

@@ -10,15 +10,23 @@ time of every notebook (:func:`notebook_times`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import pandas as pd
+import torch
 from IPython.display import Markdown
 
-from kdbook_utils.experiments import StudentRun, recipe_hash, run_seeds
+from kdbook_utils.data import DataSplits
+from kdbook_utils.errors import must_be
+from kdbook_utils.experiments import StudentRun, TeacherOutputCache, TrainedModel, recipe_hash, run_seeds
+from kdbook_utils.presets import Preset
+from kdbook_utils.train import DeviceLike, preset_precision, resolve_device
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 """Where recorded results live: ``lab/<lesson>.csv`` (+ ``.json`` provenance) and ``timings.csv``."""
@@ -115,39 +123,123 @@ def notebook_times(notebook: str) -> Markdown:
 
 
 class Stage(NamedTuple):
-    """One step of a lesson's experiment: what it runs, the stages it needs first, and how to run it."""
+    """One step of a lesson's experiment: what it runs, the stages it needs first, how to run it, and the
+    split (and output) its comparison is read on: choices on validation, final comparisons on test."""
 
     description: str
     needs: tuple[str, ...]
     run: Callable[[Any], pd.DataFrame]  # runner -> tidy table of runs
+    split: str = "val"
+    output: str | None = None  # None: the final output
 
 
+def job_key(spec: Mapping[str, Any]) -> str:
+    """The key a run is kept under: the job's full specification as canonical JSON. A function in it (a
+    learner's own loss, say) counts by its name and source code, so an edited function is a new job."""
+
+    def plain(value: Any) -> Any:
+        if callable(value):
+            try:
+                source = inspect.getsource(value)
+            except (OSError, TypeError):  # defined where no source is kept: the object itself
+                source = f"object {id(value)}"
+            digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+            return f"<function {getattr(value, '__qualname__', type(value).__name__)} {digest}>"
+        if isinstance(value, Mapping):
+            return {str(key): plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    return json.dumps(plain(spec), sort_keys=True, default=str)
+
+
+@dataclass
 class LessonRunner:
-    """What every lesson's runner shares: one entry point per student run, and tables of runs over seeds.
+    """What every lesson's runner shares: its preset, settings and data, where and how it trains, and one
+    entry point per student run.
 
-    A *job* is a dict of plain values that says which student to train (e.g. ``{"kd": True,
-    "temperature": 4.0, "alpha": 0.1}``); :meth:`job` trains it with a seed (each runner keeps the runs it
-    made, so a job met twice is trained once), and :meth:`table` runs several jobs over seeds into one tidy
-    table. Because jobs are plain values, a scheduler can also send them to other processes or machines.
+    A *job* is a dict of plain values that says which student to train, e.g. ``{"method": "KD",
+    "temperature": 4.0, "alpha": 0.1}``. :meth:`job` completes it with the lesson's defaults
+    (:meth:`complete`) and trains it with a seed, once: every run is kept in ``runs`` under its full
+    specification and the seed (:func:`job_key`), so a job met twice is trained once and a changed job
+    (another weight, an edited loss function) is trained anew. :meth:`table` runs several jobs over seeds
+    into one tidy table. Because jobs are plain values, a scheduler can send them to other processes or
+    machines (:attr:`executor`).
+
+    ``device`` and ``precision`` are resolved once, from the preset, by :meth:`prepare` (or given), and
+    every teacher and student of the lesson trains with them. ``teachers_may_train`` is the preset's
+    ``train_teachers``: whether a missing teacher is trained here or refused with the way to get it.
     """
+
+    preset: Preset
+    settings: Any
+    splits: DataSplits  # the students' training images (a subset), the validation and test splits
+    device: torch.device
+    precision: torch.dtype | None
+    progress: bool
 
     STAGES: ClassVar[dict[str, Stage]] = {}
     """The lesson's experiment, step by step, in the order :meth:`record` runs them."""
+    SETTINGS: ClassVar[Mapping[str, Any]] = {}
+    """The lesson's settings per preset name."""
+    lesson: ClassVar[str] = ""
 
-    lesson: str = ""
-    progress: bool = True
-    executor: (
-        Callable[[LessonRunner, Mapping[str, Mapping[str, Any]], Sequence[int]], pd.DataFrame] | None
-    ) = None
-    """Who runs :meth:`table`'s grid: None, this process, one run after the other; or e.g.
-    :class:`kdbook_utils.lessons.sweep.RayExecutor`, each (job, seed) a Ray task. Same table either way."""
+    def __post_init__(self) -> None:
+        self.cache = TeacherOutputCache()
+        self.runs: dict[tuple[str, int], StudentRun] = {}
+        self.executor: Callable[[LessonRunner, Mapping[str, Mapping[str, Any]], Sequence[int]], pd.DataFrame] | None = None
+        """Who runs :meth:`table`'s grid: None, this process, one run after the other; or e.g.
+        :class:`kdbook_utils.lessons.sweep.RayExecutor`, each (job, seed) a Ray task. Same table either way."""
+
+    @classmethod
+    def settings_for(cls, preset: Preset, settings: Any = None) -> Any:
+        """``settings``, or the lesson's settings for ``preset`` (by its name)."""
+        if settings is not None:
+            return settings
+        if preset.name not in cls.SETTINGS:
+            raise ValueError(
+                must_be(
+                    f"The preset's name, for lesson {cls.lesson!r},",
+                    f"one the lesson has settings for ({', '.join(cls.SETTINGS)})",
+                    preset.name,
+                    "A preset renamed with replace(name=...) needs the lesson's settings passed too: "
+                    f"prepare(preset, splits, settings=SETTINGS['{next(iter(cls.SETTINGS), 'quick')}']).",
+                )
+            )
+        return cls.SETTINGS[preset.name]
+
+    @staticmethod
+    def runtime(preset: Preset, device: DeviceLike) -> tuple[torch.device, torch.dtype | None]:
+        """Where and in which precision the lesson trains: ``device`` (None: the preset's) and the
+        preset's precision rule on it (:func:`~kdbook_utils.train.preset_precision`)."""
+        resolved = resolve_device(preset.device if device is None else device)
+        return resolved, preset_precision(preset, resolved)
+
+    def complete(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """``spec`` with the lesson's defaults filled in: the full specification a run is kept under."""
+        return dict(spec)
+
+    def train_job(self, spec: dict[str, Any], seed: int) -> StudentRun:
+        """Train the student of a complete job ``spec`` with ``seed`` (each lesson writes its own)."""
+        raise NotImplementedError
 
     def job(self, spec: Mapping[str, Any], seed: int) -> StudentRun:
-        raise NotImplementedError
+        """The student of ``spec`` trained with ``seed``: trained once, then kept under its full spec."""
+        full = self.complete(spec)
+        key = (job_key(full), int(seed))
+        if key not in self.runs:
+            self.runs[key] = self.train_job(full, int(seed))
+        return self.runs[key]
 
     def notebook_teachers(self) -> None:
         """Train (once, cached) any teacher the lesson's notebook uses beyond those of ``prepare``; the
         notebook timer calls it to time the teachers alone. Default: there are none."""
+
+    def trained_models(self) -> dict[str, TrainedModel]:
+        """Every teacher the lesson uses, its notebook's included, by role: what ``python -m kdbook_utils
+        teachers`` trains and ships, and what a results file's provenance names."""
+        return {}
 
     def table(self, jobs: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> pd.DataFrame:
         """Every job over ``seeds``: one row per (job label, seed, split, output), as ``run_seeds`` makes it."""

@@ -8,7 +8,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -21,19 +21,19 @@ from torch import Tensor, nn
 from kdbook_utils.data import DataSplits, ImageDataset, TensorLoader
 from kdbook_utils.experiments import (
     StudentRun,
-    TeacherOutputCache,
+    TrainedModel,
     cached_adapted_teacher,
     cached_teacher,
-    run_seeds,
     train_student,
 )
 from kdbook_utils.features import FeatureExtractor, eval_mode
 from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.methods.crosslayer import CrossLayerDistiller, Pair, cross_layer_pairs, fsp_matrices
+from kdbook_utils.methods.hinton import HintonKD
 from kdbook_utils.models import create_model
 from kdbook_utils.plots import DPI, heatmap_grid
 from kdbook_utils.presets import Preset
-from kdbook_utils.train import DeviceLike, evaluate, freeze, resolve_device
+from kdbook_utils.train import DeviceLike, evaluate, freeze
 
 # --------------------------------------------------------------------------------------------------------
 # Settings
@@ -87,7 +87,10 @@ SETTINGS: dict[str, CrossLayerLesson] = {
 
 @dataclass(frozen=True)
 class Ablation:
-    """One row of the ablation: which parts of the method are on (``num_teachers=0``: the student alone)."""
+    """One row of the ablation: which parts of the method are on. ``num_teachers=0`` is the student alone;
+    ``gram=False`` drops phase A (the cross-layer Gram term, P1), ``use_kl=False`` the KL term (P2);
+    ``hinton=True`` is Hinton KD (lesson 1's loss, T = 4, alpha = 0.1) from the ensemble's first teacher,
+    the row that tells the paper's terms apart from plain response distillation."""
 
     k: int = 3
     mode: str = "cumulative"
@@ -95,15 +98,24 @@ class Ablation:
     num_teachers: int = 3
     ensemble: str = "mean"
     kl_mode: str = "forward"
+    gram: bool = True
+    hinton: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_teachers > 0 and not (self.gram or self.use_kl or self.hinton):
+            raise ValueError("An ablation row with teachers needs a term: gram, use_kl or hinton.")
 
     @property
     def label(self) -> str:
         if self.num_teachers == 0:
             return "student alone"
-        parts = [f"cross-{self.k}" + ("" if self.mode == "cumulative" else " (exact)")]
+        teachers = f"{self.num_teachers} teacher" + ("s" if self.num_teachers > 1 else "")
+        if self.hinton:
+            return f"Hinton KD + {teachers}"
+        parts = [f"cross-{self.k}" + ("" if self.mode == "cumulative" else " (exact)")] if self.gram else []
         if self.use_kl:
             parts.append("KL" if self.kl_mode == "forward" else "symmetric KL")
-        parts.append(f"{self.num_teachers} teacher" + ("s" if self.num_teachers > 1 else ""))
+        parts.append(teachers)
         if self.num_teachers > 1 and self.ensemble != "mean":
             parts.append(self.ensemble.replace("_", " "))
         return " + ".join(parts)
@@ -114,24 +126,30 @@ class Ablation:
 
 STUDENT_ALONE = Ablation(num_teachers=0)
 P1 = Ablation(k=3, use_kl=False, num_teachers=1)
+P2 = Ablation(k=3, gram=False, use_kl=True, num_teachers=1)
 P1_P2 = Ablation(k=3, use_kl=True, num_teachers=1)
+P2_P3 = Ablation(k=3, gram=False, use_kl=True, num_teachers=3)
 P1_P2_P3 = Ablation(k=3, use_kl=True, num_teachers=3)
+HINTON_KD = Ablation(num_teachers=1, gram=False, use_kl=False, hinton=True)
 
 
 def ablation_grid(max_k: int = 3, max_teachers: int = 3) -> dict[str, list[Ablation]]:
     """The settings behind each group of the paper's tables (identical settings are shared):
 
     * "cross-k" (Tables 4-6): P1 with k = 1..max_k, one teacher;
-    * "KL" (Tables 7-9): cross-max_k with and without the KL term, one teacher;
+    * "KL" (Tables 7-9): cross-max_k with and without the KL term, one teacher, beside the KL term alone
+      and Hinton KD (not in the paper: they tell its terms apart from plain response distillation);
     * "teachers" (Tables 10-12): cross-max_k + KL with 1..max_teachers teachers;
-    * "combinations" (Tables 13-15): P1, P1+P2, P1+P2+P3, and the student alone.
+    * "combinations" (Tables 13-15): P1, P2, P1+P2, P2+P3, P1+P2+P3, Hinton KD and the student alone.
     """
+    many = max(1, max_teachers)
     return {
         "cross-k": [STUDENT_ALONE] + [P1.replace(k=k) for k in range(1, max_k + 1)],
-        "KL": [STUDENT_ALONE, P1.replace(k=max_k), P1_P2.replace(k=max_k)],
+        "KL": [STUDENT_ALONE, P1.replace(k=max_k), P2, P1_P2.replace(k=max_k), HINTON_KD],
         "teachers": [STUDENT_ALONE] + [P1_P2.replace(k=max_k, num_teachers=n) for n in range(1, max_teachers + 1)],
-        "combinations": [STUDENT_ALONE, P1.replace(k=max_k), P1_P2.replace(k=max_k),
-                         P1_P2_P3.replace(k=max_k, num_teachers=max_teachers)],
+        "combinations": [STUDENT_ALONE, P1.replace(k=max_k), P2, P1_P2.replace(k=max_k),
+                         P2_P3.replace(num_teachers=many), P1_P2_P3.replace(k=max_k, num_teachers=many),
+                         HINTON_KD],
     }  # fmt: skip
 
 
@@ -284,31 +302,37 @@ def plot_gap_curve(teacher_grams: Mapping[Pair, Tensor], snapshots: Sequence[Map
 # --------------------------------------------------------------------------------------------------------
 
 
+CHAIN_ROUTES: dict[str, str] = {
+    "ResNet-10 alone": "alone",
+    "ResNet-50 -> ResNet-10 (1x1 adapters)": "adapters",
+    "ResNet-50 -> ResNet-18 -> ResNet-10": "two steps",
+}
+"""The chain experiment's routes (the paper's Tables 19-20): their labels and job names."""
+
+
 @dataclass
 class CrossLayerRunner(LessonRunner):
     """What lesson 3 runs, written once for the notebook, the results recorder and the command line.
 
-    ``runs`` keeps every student trained so far under ``(setting label, seed)``: a setting that appears in
-    several tables is trained once per seed.
+    A job is an :class:`Ablation`'s fields as a dict (``dataclasses.asdict(setting)``), or ``{"chain":
+    route}`` for a route of the chain experiment (:data:`CHAIN_ROUTES`; ``"intermediate"`` is its
+    ResNet-18, distilled from the adapted ResNet-50 with the first seed).
     """
 
     STAGES: ClassVar[dict[str, Stage]] = {
-        "ablation": Stage("the paper's ablation tables: cross-k, the KL term, the number of teachers", (),
+        "ablation": Stage("the paper's ablation tables (cross-k, the KL term, the number of teachers) with the "
+                          "KL term alone and Hinton KD beside them", (),
                           lambda runner: runner.grid(unique_settings(ablation_grid(max_teachers=runner.settings.teachers)))),
         "final": Stage("P1 + P2 + P3 against the student alone, over the seeds", (),
-                       lambda runner: runner.grid(runner.headline_settings())),
+                       lambda runner: runner.grid(runner.headline_settings()), split="test"),
+        "chain": Stage("ResNet-50 to ResNet-10 through 1x1 adapters, and in two steps through a ResNet-18",
+                       (), lambda runner: runner.chain()[0], split="test"),
     }  # fmt: skip
+    SETTINGS: ClassVar[Mapping[str, CrossLayerLesson]] = SETTINGS
+    lesson: ClassVar[str] = "crosslayer"
 
-    preset: Preset
-    settings: CrossLayerLesson
-    splits: DataSplits  # at the lesson's image size; train cut to the students' images
     full_train: ImageDataset  # the teachers' training split, at the lesson's image size
-    teachers: list[nn.Module]
-    device: DeviceLike = None
-    progress: bool = True
-    cache: TeacherOutputCache = field(default_factory=TeacherOutputCache)
-    runs: dict = field(default_factory=dict)
-    lesson: str = "crosslayer"
+    teachers: list[TrainedModel]
 
     @classmethod
     def prepare(
@@ -320,64 +344,56 @@ class CrossLayerRunner(LessonRunner):
         progress: bool = True,
         settings: CrossLayerLesson | None = None,
     ) -> CrossLayerRunner:
-        """Train (once) the ensemble's teachers, one seed each, on the whole training split."""
-        settings = settings or SETTINGS[preset.name]
-        device = resolve_device(device)
+        """Load the ensemble's teachers, one seed each (shipped, cached, or trained where the preset allows),
+        at the lesson's image size; cut the students' images from the training split."""
+        settings = cls.settings_for(preset, settings)
+        device, precision = cls.runtime(preset, device)
         sized = DataSplits(*(data.resized(settings.image_size) for data in splits))
         teachers = [
             cached_teacher(settings.teacher, sized, epochs=settings.teacher_epochs, lr=settings.lr,
                            batch_size=settings.batch_size, seed=seed, model_options={"width": settings.width},
-                           device=device, progress=progress).model
+                           device=device, precision=precision, may_train=preset.train_teachers,
+                           progress=progress)
             for seed in range(settings.teachers)
         ]  # fmt: skip
         train = sized.train
         if settings.student_images is not None and settings.student_images < len(train):
             train = train.subset(settings.student_images, seed=0)
-        return cls(
-            preset,
-            settings,
-            DataSplits(train, sized.val, sized.test),
-            sized.train,
-            teachers,
-            device,
-            progress,
-        )
+        return cls(preset, settings, DataSplits(train, sized.val, sized.test), device, precision, progress,
+                   sized.train, teachers)  # fmt: skip
 
     def build(self) -> nn.Module:
         data = self.splits.train
         return create_model(self.settings.student, data.num_classes, in_channels=data.image_shape[0],
                             width=self.settings.width)  # fmt: skip
 
-    def student_run(self, setting: Ablation, seed: int) -> StudentRun:
-        """One student under ``setting`` (the student alone gets the same number of epochs, phase A + B)."""
-        key = (setting.label, seed)
-        if key not in self.runs:
-            s = self.settings
-            if setting.num_teachers == 0:
-                method, epochs = None, s.gram_epochs + s.task_epochs
-            else:
-                teachers = self.teachers[: setting.num_teachers]
-                method = lambda student: CrossLayerDistiller(
-                    student,
-                    teachers,
-                    gram_epochs=s.gram_epochs,
-                    gram_lr=s.gram_lr,
-                    k=setting.k,
-                    mode=setting.mode,
-                    use_kl=setting.use_kl,
-                    kl_mode=setting.kl_mode,
-                    ensemble=setting.ensemble,
-                    seed=seed,
-                )
-                epochs = s.task_epochs
-            self.runs[key] = train_student(self.build, method, self.splits, seed=seed, epochs=epochs, lr=s.lr,
-                                           batch_size=s.batch_size, augment=s.augment, cache=self.cache,
-                                           device=self.device)  # fmt: skip
-        return self.runs[key]
+    def complete(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        if "chain" in spec:
+            route = spec["chain"]
+            if route not in (*CHAIN_ROUTES.values(), "intermediate"):
+                raise ValueError(f"Unknown chain route {route!r}; the routes are {list(CHAIN_ROUTES.values())}.")
+            return {"chain": route}
+        return dataclasses.asdict(Ablation(**spec))
 
-    def job(self, spec: Mapping[str, object], seed: int) -> StudentRun:
-        """A job is an :class:`Ablation`'s fields as a dict (``dataclasses.asdict(setting)``)."""
-        return self.student_run(Ablation(**spec), seed)  # type: ignore[arg-type]
+    def train_job(self, spec: dict[str, Any], seed: int) -> StudentRun:
+        if "chain" in spec:
+            return self._chain_run(spec["chain"], seed)
+        setting, s = Ablation(**spec), self.settings
+        common = {"seed": seed, "lr": s.lr, "batch_size": s.batch_size, "augment": s.augment, "cache": self.cache,
+                  "device": self.device, "precision": self.precision}  # fmt: skip
+        teachers = [teacher.model for teacher in self.teachers[: setting.num_teachers]]
+        if setting.num_teachers == 0:
+            return train_student(self.build, None, self.splits, epochs=s.gram_epochs + s.task_epochs, **common)
+        if setting.hinton:
+            return train_student(self.build, lambda student: HintonKD(student, teachers[0]), self.splits,
+                                 epochs=s.gram_epochs + s.task_epochs, **common)  # fmt: skip
+        method = lambda student: CrossLayerDistiller(
+            student, teachers, gram_epochs=s.gram_epochs if setting.gram else 0, gram_lr=s.gram_lr, k=setting.k,
+            mode=setting.mode, use_kl=setting.use_kl, kl_mode=setting.kl_mode, ensemble=setting.ensemble, seed=seed,
+        )  # fmt: skip
+        # Every row trains as many epochs in all: a row without phase A gets its epochs in phase B.
+        epochs = s.task_epochs if setting.gram else s.gram_epochs + s.task_epochs
+        return train_student(self.build, method, self.splits, epochs=epochs, **common)
 
     def grid(self, settings: Sequence[Ablation]) -> pd.DataFrame:
         """Every setting over the lesson's seeds: one tidy table."""
@@ -392,15 +408,22 @@ class CrossLayerRunner(LessonRunner):
         return lambda: create_model(arch, data.num_classes, in_channels=data.image_shape[0],
                                     base_width=self.settings.chain["base_width"])  # fmt: skip
 
-    def chain_teachers(self) -> tuple[nn.Module, nn.Module]:
-        """The chain's ResNet-50 teacher and its copy with 1x1 adapters to ResNet-10's widths (both cached)."""
+    def trained_models(self) -> dict[str, TrainedModel]:
+        r50, adapted = self.chain_teachers()
+        ensemble = {f"ensemble teacher {index + 1}": teacher for index, teacher in enumerate(self.teachers)}
+        return {**ensemble, "chain teacher (ResNet-50)": r50, "chain teacher with 1x1 adapters": adapted}
+
+    def chain_teachers(self) -> tuple[TrainedModel, TrainedModel]:
+        """The chain's ResNet-50 teacher (trained on the teachers' split) and its copy with 1x1 adapters to
+        ResNet-10's widths, fine-tuned (both cached; shipped for quick and lab)."""
         s, chain = self.settings, self.settings.chain
         sized = DataSplits(self.full_train, self.splits.val, self.splits.test)
-        common = {"lr": s.lr, "batch_size": s.batch_size, "device": self.device, "progress": self.progress}
+        common = {"lr": s.lr, "batch_size": s.batch_size, "device": self.device, "precision": self.precision,
+                  "may_train": self.preset.train_teachers, "progress": self.progress}  # fmt: skip
         r50 = cached_teacher("resnet50_cifar", sized, epochs=chain["teacher_epochs"],
-                             model_options={"base_width": chain["base_width"]}, **common).model  # fmt: skip
+                             model_options={"base_width": chain["base_width"]}, **common)  # fmt: skip
         adapted = cached_adapted_teacher(
-            r50, self._chain_model("resnet10_cifar")(), sized, epochs=chain["adapter_epochs"], **common
+            r50.model, self._chain_model("resnet10_cifar")(), sized, epochs=chain["adapter_epochs"], **common
         )
         return r50, adapted
 
@@ -408,41 +431,42 @@ class CrossLayerRunner(LessonRunner):
         """Train (once) the teachers the notebook uses beyond :meth:`prepare`'s: the chain's (section 6)."""
         self.chain_teachers()
 
+    def _distil(self, teacher: nn.Module, seed: int) -> Callable[[nn.Module], nn.Module]:
+        s = self.settings
+        return lambda student: CrossLayerDistiller(student, teacher, gram_epochs=s.gram_epochs, gram_lr=s.gram_lr,
+                                                   k=P1_P2.k, use_kl=P1_P2.use_kl, seed=seed)  # fmt: skip
+
+    def _chain_run(self, route: str, seed: int) -> StudentRun:
+        s = self.settings
+        common = {"seed": seed, "lr": s.lr, "batch_size": s.batch_size, "augment": s.augment, "cache": self.cache,
+                  "device": self.device, "precision": self.precision}  # fmt: skip
+        if route == "alone":
+            return train_student(self._chain_model("resnet10_cifar"), None, self.splits,
+                                 epochs=s.gram_epochs + s.task_epochs, **common)  # fmt: skip
+        adapted = self.chain_teachers()[1].model
+        if route == "intermediate":
+            return train_student(self._chain_model("resnet18_cifar"), self._distil(adapted, seed), self.splits,
+                                 epochs=s.task_epochs, **common)  # fmt: skip
+        teacher = adapted if route == "adapters" else self.chain_intermediate()
+        return train_student(self._chain_model("resnet10_cifar"), self._distil(teacher, seed), self.splits,
+                             epochs=s.task_epochs, **common)  # fmt: skip
+
+    def chain_intermediate(self) -> nn.Module:
+        """The two-step route's ResNet-18: distilled from the adapted ResNet-50 (first seed), then frozen."""
+        return freeze(self.job({"chain": "intermediate"}, self.settings.seeds[0]).model)
+
     def chain(self) -> tuple[pd.DataFrame, dict[str, float]]:
         """Tables 19-20: ResNet-50 -> ResNet-10 through 1x1 adapters, and ResNet-50 -> ResNet-18 -> ResNet-10.
 
         Returns the runs of the three routes over the first three seeds (the student alone, the direct
-        route, the two-step route) and the validation accuracy of the teachers along the way.
+        route, the two-step route) and the validation accuracy (percent) of the teachers along the way.
         """
-        s = self.settings
-        make = self._chain_model
+        runs = self.table({label: {"chain": route} for label, route in CHAIN_ROUTES.items()},
+                          self.settings.seeds[:3])  # fmt: skip
         r50, adapted = self.chain_teachers()
-        step = P1_P2.replace(k=3)
-
-        def distil(teacher: nn.Module, seed: int) -> Callable[[nn.Module], nn.Module]:
-            return lambda student: CrossLayerDistiller(student, teacher, gram_epochs=s.gram_epochs, gram_lr=s.gram_lr,
-                                                       k=step.k, use_kl=step.use_kl, seed=seed)  # fmt: skip
-
-        first = self.settings.seeds[0]
-        r18 = train_student(make("resnet18_cifar"), distil(adapted, first), self.splits, seed=first,
-                            epochs=s.task_epochs, lr=s.lr, batch_size=s.batch_size, augment=s.augment,
-                            device=self.device).model  # fmt: skip
-        freeze(r18)
-        routes = {
-            "ResNet-10 alone": (None, s.gram_epochs + s.task_epochs),
-            "ResNet-50 -> ResNet-10 (1x1 adapters)": (adapted, s.task_epochs),
-            "ResNet-50 -> ResNet-18 -> ResNet-10": (r18, s.task_epochs),
-        }
-        methods = {
-            name: (lambda seed, teacher=teacher, epochs=epochs: train_student(
-                make("resnet10_cifar"), None if teacher is None else distil(teacher, seed), self.splits, seed=seed,
-                epochs=epochs, lr=s.lr, batch_size=s.batch_size, augment=s.augment, cache=self.cache,
-                device=self.device))
-            for name, (teacher, epochs) in routes.items()
-        }  # fmt: skip
-        runs = run_seeds(methods, s.seeds[:3], progress=self.progress, lesson="crosslayer")
         val_loader = TensorLoader(self.splits.val, 512, train=False, device=self.device)
         teachers = {name: evaluate(model, val_loader, device=self.device)["accuracy"]
-                    for name, model in (("ResNet-50", r50), ("ResNet-50 with 1x1 adapters", adapted),
-                                        ("ResNet-18 (distilled from it)", r18))}  # fmt: skip
+                    for name, model in (("ResNet-50", r50.model), ("ResNet-50 with 1x1 adapters", adapted.model),
+                                        ("ResNet-18 (distilled from it)", self.chain_intermediate()))}  # fmt: skip
         return runs, teachers
+

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from kdbook_utils.data import DataSplits
 from kdbook_utils.experiments import (
     StudentRun,
-    TeacherOutputCache,
+    TrainedModel,
     best_on_validation,
     cached_teacher,
     train_student,
@@ -37,7 +37,7 @@ from kdbook_utils.models.small_cnn import SMALL_CNN_FAMILY
 from kdbook_utils.models.torchvision_zoo import PretrainedWeightsUnavailable
 from kdbook_utils.plots import DPI
 from kdbook_utils.presets import Preset
-from kdbook_utils.train import DeviceLike, resolve_device
+from kdbook_utils.train import DeviceLike
 
 # --------------------------------------------------------------------------------------------------------
 # Settings
@@ -60,6 +60,9 @@ class HintonSettings:
     sweep_seeds: tuple[int, ...]
     seeds: tuple[int, ...]  # the final comparison on the test split
     students: tuple[str, ...]  # the student-size sweep
+    omitted_class: int = 3  # the class left out of the students' images (section 3 of the paper: a 3)
+    omitted_T: float = 20.0  # the paper's temperature for that experiment
+    omitted_alpha: float = 0.1
     pretrained_teacher: str | None = None  # an ImageNet-pretrained torchvision teacher (preset paper)
 
 
@@ -70,7 +73,7 @@ SETTINGS: dict[str, HintonSettings] = {
         students=("cnn-1x8", "cnn-2x8", "cnn-2x16", "cnn-3x16"),
     ),
     "lab": HintonSettings(
-        teacher="resnet20", teacher_epochs=30, student="cnn-3x16", student_images=None, epochs=15, batch_size=128,
+        teacher="resnet20", teacher_epochs=15, student="cnn-3x16", student_images=10_000, epochs=15, batch_size=128,
         lr=0.05, temperatures=(1.0, 4.0, 16.0), alphas=(0.1, 0.5, 0.9), sweep_seeds=(0,), seeds=(0, 1, 2),
         students=("cnn-1x8", "cnn-2x16", "cnn-3x16"),
     ),
@@ -89,6 +92,7 @@ SETTINGS: dict[str, HintonSettings] = {
 
 
 ALONE = "student alone"
+KD = "KD"
 
 
 def kd_name(temperature: float, alpha: float) -> str:
@@ -100,26 +104,26 @@ def kd_name(temperature: float, alpha: float) -> str:
 class HintonLesson(LessonRunner):
     """What lesson 1 runs, written once for the notebook, the results recorder and the command line.
 
-    ``runs`` keeps every student trained so far under ``(name, seed)``, so a configuration that appears in
-    several steps (the sweep's best setting in the final comparison, say) is trained once.
+    A job is ``{"method": ALONE}`` or ``{"method": KD, "temperature": T, "alpha": a}``, optionally with
+    ``"student"`` (a member of the small-CNN family; default: the lesson's student), ``"omit"`` (a class
+    index left out of the student's training images: the paper's section 3 experiment) and ``"loss"`` (a
+    function replacing ``kd_loss``, e.g. a learner's own).
     """
 
     STAGES: ClassVar[dict[str, Stage]] = {
         "sweep": Stage("every (T, alpha) of the settings and the student alone, on the sweep seeds", (),
                        lambda runner: runner.sweep()),
         "final": Stage("the student alone and with KD at the sweep's best (T, alpha) on the validation split, "
-                       "over the seeds", ("sweep",), lambda runner: runner.headline(*runner.choose(runner.sweep()))),
+                       "over the seeds", ("sweep",), lambda runner: runner.headline(*runner.choose(runner.sweep())),
+                       split="test"),
+        "omitted": Stage("a class left out of the students' images: the student alone and with KD, over the "
+                         "seeds (accuracy on that class)", (), lambda runner: runner.omitted_class(), split="test",
+                         output="omitted class"),
     }  # fmt: skip
+    SETTINGS: ClassVar[Mapping[str, HintonSettings]] = SETTINGS
+    lesson: ClassVar[str] = "hinton"
 
-    preset: Preset
-    settings: HintonSettings
-    splits: DataSplits  # the students' training images (a subset), the validation and test splits
-    teacher: torch.nn.Module
-    device: DeviceLike = None
-    progress: bool = True
-    cache: TeacherOutputCache = field(default_factory=TeacherOutputCache)
-    runs: dict = field(default_factory=dict)
-    lesson: str = "hinton"
+    teacher: TrainedModel
 
     @classmethod
     def prepare(
@@ -131,24 +135,40 @@ class HintonLesson(LessonRunner):
         progress: bool = True,
         settings: HintonSettings | None = None,
     ) -> HintonLesson:
-        """Load (or train once) the lesson's teacher on the whole training split; cut the students' subset."""
-        settings = settings or SETTINGS[preset.name]
-        device = resolve_device(device)
-        common = {"lr": preset.lr, "batch_size": preset.batch_size, "device": device, "progress": progress}
-        teacher = None
-        if settings.pretrained_teacher:  # the paper preset: an ImageNet-pretrained teacher, fine-tuned
-            try:
-                teacher = cached_teacher(settings.pretrained_teacher, splits, epochs=settings.teacher_epochs,
-                                         pretrained=True, download=True, **common).model  # fmt: skip
-            except PretrainedWeightsUnavailable as error:
-                print(f"The ImageNet-pretrained teacher is not available here ({error}); training "
-                      f"{settings.teacher} from scratch instead.")  # fmt: skip
-        if teacher is None:
-            teacher = cached_teacher(settings.teacher, splits, epochs=settings.teacher_epochs, **common).model
+        """Load the lesson's teacher (shipped, cached, or trained once where the preset allows) and cut the
+        students' images from the training split."""
+        settings = cls.settings_for(preset, settings)
+        device, precision = cls.runtime(preset, device)
+        teacher = cls.load_teacher(preset, settings, splits, device, precision, progress)
         train = splits.train
         if settings.student_images is not None and settings.student_images < len(train):
             train = train.subset(settings.student_images, seed=0)
-        return cls(preset, settings, DataSplits(train, splits.val, splits.test), teacher, device, progress)
+        return cls(preset, settings, DataSplits(train, splits.val, splits.test), device, precision, progress,
+                   teacher)  # fmt: skip
+
+    @staticmethod
+    def load_teacher(
+        preset: Preset,
+        settings: HintonSettings,
+        splits: DataSplits,
+        device: torch.device,
+        precision: torch.dtype | None,
+        progress: bool = True,
+    ) -> TrainedModel:
+        """The lesson's teacher, trained on the whole training split (cached; shipped for quick and lab)."""
+        common = {"lr": preset.lr, "batch_size": preset.batch_size, "device": device, "precision": precision,
+                  "progress": progress, "may_train": preset.train_teachers}  # fmt: skip
+        if settings.pretrained_teacher:  # the paper preset: an ImageNet-pretrained teacher, fine-tuned
+            try:
+                return cached_teacher(settings.pretrained_teacher, splits, epochs=settings.teacher_epochs,
+                                      pretrained=True, download=True, **common)  # fmt: skip
+            except PretrainedWeightsUnavailable as error:
+                print(f"The ImageNet-pretrained teacher is not available here ({error}); training "
+                      f"{settings.teacher} from scratch instead.")  # fmt: skip
+        return cached_teacher(settings.teacher, splits, epochs=settings.teacher_epochs, **common)
+
+    def trained_models(self) -> dict[str, TrainedModel]:
+        return {"teacher": self.teacher}
 
     def build(self, student: str | None = None) -> Callable[[], torch.nn.Module]:
         """A function making a fresh student of the small-CNN family (default: the lesson's student)."""
@@ -156,41 +176,45 @@ class HintonLesson(LessonRunner):
         data = self.splits.train
         return lambda: create_model("small_cnn", data.num_classes, in_channels=data.image_shape[0], **options)
 
-    def student_run(
-        self,
-        seed: int,
-        *,
-        kd: bool,
-        temperature: float = 4.0,
-        alpha: float = 0.1,
-        student: str | None = None,
-        loss: KDLossFunction | None = None,
-    ) -> StudentRun:
-        """One student (alone, or with KD at ``temperature`` and ``alpha``), trained with ``seed``."""
-        student = student or self.settings.student
-        name = (kd_name(temperature, alpha) if kd else ALONE, student, loss is not None)
-        if (name, seed) not in self.runs:
-            method = (
-                (lambda s: HintonKD(s, self.teacher, temperature=temperature, alpha=alpha, loss=loss))
-                if kd
-                else None
-            )
-            self.runs[(name, seed)] = train_student(
-                self.build(student), method, self.splits, seed=seed, epochs=self.settings.epochs,
-                lr=self.settings.lr, batch_size=self.settings.batch_size, cache=self.cache, device=self.device,
-            )  # fmt: skip
-        return self.runs[(name, seed)]
+    def complete(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        full = {"student": self.settings.student, "omit": None, **spec}
+        if full.get("method") not in (ALONE, KD):
+            raise ValueError(f"A lesson-1 job's method must be {ALONE!r} or {KD!r}; got {full.get('method')!r}.")
+        if full["method"] == KD:
+            full = {"temperature": 4.0, "alpha": 0.1, "loss": None, **full}
+        if full["student"] not in SMALL_CNN_FAMILY:
+            raise ValueError(f"Unknown student {full['student']!r}; the small-CNN family is "
+                             f"{list(SMALL_CNN_FAMILY)}.")  # fmt: skip
+        return full
 
-    def job(self, spec: Mapping[str, object], seed: int) -> StudentRun:
-        """A job is ``{"kd": bool, "temperature": T, "alpha": a, "student": name}`` (all but ``kd`` optional)."""
-        return self.student_run(seed, **spec)  # type: ignore[arg-type]
+    def train_job(self, spec: dict[str, Any], seed: int) -> StudentRun:
+        method = None
+        if spec["method"] == KD:
+            teacher = self.teacher.model
+            method = lambda s: HintonKD(s, teacher, temperature=spec["temperature"], alpha=spec["alpha"],
+                                        loss=spec["loss"])  # fmt: skip
+        splits = self.splits
+        if spec["omit"] is not None:
+            splits = DataSplits(splits.train.without_classes([spec["omit"]]), splits.val, splits.test)
+        run = train_student(
+            self.build(spec["student"]), method, splits, seed=seed, epochs=self.settings.epochs,
+            lr=self.settings.lr, batch_size=self.settings.batch_size, cache=self.cache, device=self.device,
+            precision=self.precision, keep_logits=spec["omit"] is not None,
+        )  # fmt: skip
+        if spec["omit"] is not None:  # the accuracy on the images of the class the student never saw
+            for split, (logits, labels) in run.logits.items():
+                members = labels == spec["omit"]
+                hits = (logits[members].argmax(1) == spec["omit"]).double().mean().item()
+                run.accuracy[split] = pd.concat([run.accuracy[split], pd.Series({OMITTED: 100.0 * hits})])
+            run.logits = {}
+        return run
 
     def sweep(self) -> pd.DataFrame:
         """Every (T, alpha) of the settings, and the student alone, over the sweep seeds (one tidy table)."""
-        jobs: dict[str, dict] = {ALONE: {"kd": False}}
+        jobs: dict[str, dict] = {ALONE: {"method": ALONE}}
         for temperature in self.settings.temperatures:
             for alpha in self.settings.alphas:
-                jobs[kd_name(temperature, alpha)] = {"kd": True, "temperature": temperature, "alpha": alpha}
+                jobs[kd_name(temperature, alpha)] = {"method": KD, "temperature": temperature, "alpha": alpha}
         runs = self.table(jobs, self.settings.sweep_seeds)
         runs["T"] = runs["method"].map(lambda m: jobs[m].get("temperature"))
         runs["alpha"] = runs["method"].map(lambda m: jobs[m].get("alpha"))
@@ -205,10 +229,22 @@ class HintonLesson(LessonRunner):
     def headline(self, temperature: float, alpha: float) -> pd.DataFrame:
         """The final comparison: the student alone and with KD at the chosen setting, over the seeds."""
         jobs = {
-            ALONE: {"kd": False},
-            kd_name(temperature, alpha): {"kd": True, "temperature": temperature, "alpha": alpha},
+            ALONE: {"method": ALONE},
+            kd_name(temperature, alpha): {"method": KD, "temperature": temperature, "alpha": alpha},
         }
         return self.table(jobs, self.settings.seeds)
+
+    def omitted_class(self) -> pd.DataFrame:
+        """Hinton et al.'s section 3: the students never see class ``settings.omitted_class``; the student
+        alone and the student with KD (at the settings' ``omitted_T`` and ``omitted_alpha``) over the seeds.
+        The rows with ``output`` "omitted class" hold the accuracy on that class's images."""
+        s = self.settings
+        jobs = {
+            ALONE: {"method": ALONE, "omit": s.omitted_class},
+            kd_name(s.omitted_T, s.omitted_alpha): {"method": KD, "temperature": s.omitted_T,
+                                                    "alpha": s.omitted_alpha, "omit": s.omitted_class},
+        }  # fmt: skip
+        return self.table(jobs, s.seeds)
 
     def sizes(self, temperature: float, alpha: float) -> pd.DataFrame:
         """Every student size, alone and with KD, on the first sweep seed (validation accuracy)."""
@@ -216,11 +252,15 @@ class HintonLesson(LessonRunner):
         rows = []
         for student in self.settings.students:
             parameters = sum(p.numel() for p in self.build(student)().parameters())
-            for kd in (False, True):
-                run = self.student_run(seed, kd=kd, temperature=temperature, alpha=alpha, student=student)
-                rows.append({"student": student, "parameters": parameters, "kd": kd,
+            for spec in ({"method": ALONE}, {"method": KD, "temperature": temperature, "alpha": alpha}):
+                run = self.job({**spec, "student": student}, seed)
+                rows.append({"student": student, "parameters": parameters, "kd": spec["method"] == KD,
                              "accuracy": float(run.accuracy["val"]["final"]), "failed": run.failed})  # fmt: skip
         return pd.DataFrame(rows)
+
+
+OMITTED = "omitted class"
+"""The output name of the accuracy on the class left out of the students' images."""
 
 
 # --------------------------------------------------------------------------------------------------------

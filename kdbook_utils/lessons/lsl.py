@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 from torch import nn
 
-from kdbook_utils.data import DataSplits, ImageDataset
+from kdbook_utils.data import DataSplits, ImageDataset, TensorLoader
 from kdbook_utils.experiments import (
     StudentRun,
-    TeacherOutputCache,
+    TrainedModel,
     best_on_validation,
     cached_teacher,
     train_student,
@@ -23,11 +23,19 @@ from kdbook_utils.features import layer_table
 from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.methods.crosslayer import CrossLayerDistiller
 from kdbook_utils.methods.hinton import HintonKD
-from kdbook_utils.methods.lsl import PAPER_BINDINGS, ASLDistiller, Binding, LayerGrams
+from kdbook_utils.methods.lsl import (
+    PAPER_BINDINGS,
+    ASLDistiller,
+    Binding,
+    LayerGrams,
+    layer_grams,
+    lsp_table,
+    select_layers,
+)
 from kdbook_utils.models import create_model
 from kdbook_utils.plots import DPI, heatmap_grid
 from kdbook_utils.presets import Preset
-from kdbook_utils.train import DeviceLike, resolve_device
+from kdbook_utils.train import DeviceLike
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ SETTINGS: dict[str, LSLLesson] = {
                        teacher_epochs=8, student_images=100, epochs=40, batch_size=16, lr=0.01,
                        projection_dim=256, reduction="mean", alphas=(0.1, 0.3, 1.0), seeds=(0, 1, 2)),
     "lab": LSLLesson(teacher="alexnet_lsl_teacher_quarter", student="alexnet_lsl_student_quarter",
-                     teacher_epochs=30, student_images=1000, epochs=20, batch_size=32, lr=0.02,
+                     teacher_epochs=15, student_images=1000, epochs=20, batch_size=32, lr=0.02,
                      projection_dim=512, reduction="mean", alphas=(0.1, 0.3, 1.0), seeds=(0, 1, 2)),
     "paper": LSLLesson(teacher="alexnet_lsl_teacher", student="alexnet_lsl_student", teacher_epochs=100,
                        student_images=None, epochs=100, batch_size=32, lr=0.02, projection_dim=2048,
@@ -191,27 +199,31 @@ def binding_label(bindings: Sequence[Binding]) -> str:
     return " + ".join(f"{t}->{s}" for t, s in bindings)
 
 
+LSP_BINDINGS = "LSL (LSP's bindings)"
+"""The comparison's row for LSL with the bindings LSP itself selects on this run's networks."""
+
+
 @dataclass
 class LSLRunner(LessonRunner):
-    """What lesson 2 runs, written once for the notebook, the results recorder and the command line."""
+    """What lesson 2 runs, written once for the notebook, the results recorder and the command line.
+
+    A job is ``{"method": name}`` with ``name`` one of ``ALONE``, ``HINTON``, ``FSP``, ``LSL``; an LSL job
+    also takes ``"bindings"`` (``[[teacher layer, student layer], ...]``, default the paper's Table 8) and
+    ``"alpha"`` (the alignment weight, default the settings' first).
+    """
 
     STAGES: ClassVar[dict[str, Stage]] = {
         "sweep": Stage("LSL with each alignment weight alpha of the settings, on the first seed", (),
                        lambda runner: runner.choose_alpha()[1]),
-        "final": Stage("student alone, Hinton KD, FSP and LSL (at the sweep's best alpha) over the seeds",
-                       ("sweep",), lambda runner: runner.comparison(runner.choose_alpha()[0])),
+        "final": Stage("student alone, Hinton KD, FSP, LSL with the paper's bindings and LSL with the bindings "
+                       "LSP selects (at the sweep's best alpha), over the seeds",
+                       ("sweep",), lambda runner: runner.comparison(runner.choose_alpha()[0]), split="test"),
     }  # fmt: skip
+    SETTINGS: ClassVar[Mapping[str, LSLLesson]] = SETTINGS
+    lesson: ClassVar[str] = "lsl"
 
-    preset: Preset
-    settings: LSLLesson
-    splits: DataSplits  # train cut to the students' images
     full_train: ImageDataset  # the teacher's training split (LSP scores run over it)
-    teacher: nn.Module
-    device: DeviceLike = None
-    progress: bool = True
-    cache: TeacherOutputCache = field(default_factory=TeacherOutputCache)
-    runs: dict = field(default_factory=dict)
-    lesson: str = "lsl"
+    teacher: TrainedModel
 
     @classmethod
     def prepare(
@@ -223,15 +235,21 @@ class LSLRunner(LessonRunner):
         progress: bool = True,
         settings: LSLLesson | None = None,
     ) -> LSLRunner:
-        settings = settings or SETTINGS[preset.name]
-        device = resolve_device(device)
+        """Load the lesson's teacher (shipped, cached, or trained where the preset allows); cut the students'
+        images from the training split."""
+        settings = cls.settings_for(preset, settings)
+        device, precision = cls.runtime(preset, device)
         teacher = cached_teacher(settings.teacher, splits, epochs=settings.teacher_epochs, lr=preset.lr,
-                                 batch_size=preset.batch_size, device=device, progress=progress).model  # fmt: skip
+                                 batch_size=preset.batch_size, device=device, precision=precision,
+                                 may_train=preset.train_teachers, progress=progress)  # fmt: skip
         train = splits.train
         if settings.student_images is not None and settings.student_images < len(train):
             train = train.subset(settings.student_images, seed=0)
-        return cls(preset, settings, DataSplits(train, splits.val, splits.test), splits.train, teacher, device,
-                   progress)  # fmt: skip
+        return cls(preset, settings, DataSplits(train, splits.val, splits.test), device, precision, progress,
+                   splits.train, teacher)  # fmt: skip
+
+    def trained_models(self) -> dict[str, TrainedModel]:
+        return {"teacher": self.teacher}
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -242,40 +260,40 @@ class LSLRunner(LessonRunner):
             self.settings.student, self.splits.train.num_classes, in_channels=self.input_shape[0]
         )
 
-    def method(self, name: str, bindings: Sequence[Binding] = PAPER_BINDINGS, alpha: float | None = None):
-        s = self.settings
-        if name == ALONE:
+    def complete(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        name = spec.get("method")
+        if name not in (ALONE, HINTON, FSP, LSL):
+            raise ValueError(f"Unknown method {name!r}; choose one of {ALONE!r}, {HINTON!r}, {FSP!r}, {LSL!r}.")
+        if name != LSL:
+            return {"method": name}
+        bindings = spec.get("bindings", PAPER_BINDINGS)
+        alpha = spec.get("alpha")
+        return {"method": LSL, "bindings": [[str(t), str(s)] for t, s in bindings],
+                "alpha": float(self.settings.alphas[0] if alpha is None else alpha)}  # fmt: skip
+
+    def method(self, spec: Mapping[str, Any]) -> Callable[[nn.Module], nn.Module] | None:
+        """The method that trains a fresh student for a complete job ``spec``."""
+        s, teacher = self.settings, self.teacher.model
+        if spec["method"] == ALONE:
             return None
-        if name == HINTON:
-            return lambda student: HintonKD(student, self.teacher)
-        if name == FSP:  # FSP's two stages: a Gram phase (a quarter of the epochs), then the task
+        if spec["method"] == HINTON:
+            return lambda student: HintonKD(student, teacher)
+        if spec["method"] == FSP:  # FSP's two stages: a Gram phase (a quarter of the epochs), then the task
             return lambda student: CrossLayerDistiller(
-                student, self.teacher, gram_epochs=max(1, s.epochs // 4), k=1, use_kl=False,
+                student, teacher, gram_epochs=max(1, s.epochs // 4), k=1, use_kl=False,
                 student_points=["conv2", "conv3"], teacher_points=["conv4", "conv5"])  # fmt: skip
-        if name == LSL:
-            weight = s.alphas[0] if alpha is None else alpha
-            return lambda student: ASLDistiller(student, self.teacher, bindings, input_shape=self.input_shape,
-                                                projection_dim=s.projection_dim, reduction=s.reduction,
-                                                alpha=weight)  # fmt: skip
-        raise ValueError(f"Unknown method {name!r}; choose one of {ALONE!r}, {HINTON!r}, {FSP!r}, {LSL!r}.")
+        bindings = [tuple(pair) for pair in spec["bindings"]]
+        return lambda student: ASLDistiller(student, teacher, bindings, input_shape=self.input_shape,
+                                            projection_dim=s.projection_dim, reduction=s.reduction,
+                                            alpha=spec["alpha"])  # fmt: skip
 
-    def student_run(self, name: str, seed: int, bindings: Sequence[Binding] = PAPER_BINDINGS,
-                    alpha: float | None = None) -> StudentRun:  # fmt: skip
+    def train_job(self, spec: dict[str, Any], seed: int) -> StudentRun:
         s = self.settings
-        weight = s.alphas[0] if alpha is None else alpha
-        key = (name, tuple(bindings) if name == LSL else (), weight if name == LSL else None, seed)
-        if key not in self.runs:
-            # FSP: as many epochs in all (a Gram phase, then at least one task epoch)
-            epochs = max(1, s.epochs - max(1, s.epochs // 4)) if name == FSP else s.epochs
-            self.runs[key] = train_student(self.build, self.method(name, bindings, weight), self.splits, seed=seed,
-                                           epochs=epochs, lr=s.lr, batch_size=s.batch_size, cache=self.cache,
-                                           device=self.device)  # fmt: skip
-        return self.runs[key]
-
-    def job(self, spec: Mapping[str, object], seed: int) -> StudentRun:
-        """A job is ``{"method": name, "bindings": [[teacher, student], ...], "alpha": a}`` (the last two for LSL)."""
-        bindings = tuple(tuple(pair) for pair in spec.get("bindings", PAPER_BINDINGS))  # type: ignore[union-attr]
-        return self.student_run(str(spec["method"]), seed, bindings, spec.get("alpha"))  # type: ignore[arg-type]
+        # FSP: as many epochs in all (a Gram phase, then at least one task epoch)
+        epochs = max(1, s.epochs - max(1, s.epochs // 4)) if spec["method"] == FSP else s.epochs
+        return train_student(self.build, self.method(spec), self.splits, seed=seed, epochs=epochs, lr=s.lr,
+                             batch_size=s.batch_size, cache=self.cache, device=self.device,
+                             precision=self.precision)  # fmt: skip
 
     def choose_alpha(self) -> tuple[float, pd.DataFrame]:
         """The alignment weight with the best mean validation accuracy (the paper's bindings, the first seed)."""
@@ -284,18 +302,29 @@ class LSLRunner(LessonRunner):
         best = best_on_validation(runs, "method", "alignment weight")
         return float(jobs[best]["alpha"]), runs
 
+    def lsp_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """LSP's tables (the paper's Table 3) of the teacher and of the student trained alone (first seed),
+        scored over the teacher's training images in order, without augmentation."""
+        loader = TensorLoader(self.full_train, 256, train=False, device=self.device)
+        trained_student = self.job({"method": ALONE}, self.settings.seeds[0]).model
+        return lsp_table(layer_grams(self.teacher.model, loader)), lsp_table(layer_grams(trained_student, loader))
+
+    def lsp_bindings(self, count: int = 3) -> list[Binding]:
+        """The ``count`` bindings LSP selects: the lowest-scoring layers of each network, in forward order."""
+        teacher_table, student_table = self.lsp_tables()
+        return list(zip(select_layers(teacher_table, count), select_layers(student_table, count)))
+
     def bindings(self, tables: Sequence[Sequence[Binding]], alpha: float) -> pd.DataFrame:
         """LSL with each binding of the paper's tables, one seed (validation accuracy of the student)."""
-        jobs = {
-            binding_label(b): {"method": LSL, "bindings": [list(pair) for pair in b], "alpha": alpha}
-            for b in tables
-        }
+        jobs = {binding_label(b): {"method": LSL, "bindings": b, "alpha": alpha} for b in tables}
         return self.table(jobs, self.settings.seeds[:1])
 
     def comparison(self, alpha: float) -> pd.DataFrame:
-        """The paper's Table 8: the four methods over the seeds."""
-        return self.table({name: {"method": name, "alpha": alpha} for name in (ALONE, HINTON, FSP, LSL)},
-                          self.settings.seeds)  # fmt: skip
+        """The paper's Table 8, and LSL with the bindings LSP selects on these networks, over the seeds."""
+        jobs: dict[str, dict[str, Any]] = {name: {"method": name} for name in (ALONE, HINTON, FSP)}
+        jobs[LSL] = {"method": LSL, "alpha": alpha}
+        jobs[LSP_BINDINGS] = {"method": LSL, "alpha": alpha, "bindings": self.lsp_bindings()}
+        return self.table(jobs, self.settings.seeds)
 
 
 def lsp_with_paper(table: pd.DataFrame, role: str, count: int = 3) -> pd.DataFrame:

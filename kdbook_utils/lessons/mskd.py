@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -15,7 +15,7 @@ from torch import nn
 from kdbook_utils.data import DataSplits
 from kdbook_utils.experiments import (
     StudentRun,
-    TeacherOutputCache,
+    TrainedModel,
     cached_teacher,
     cached_teacher_exits,
     train_student,
@@ -26,7 +26,7 @@ from kdbook_utils.models import create_model
 from kdbook_utils.models.multi_exit import FINAL_EXIT, MultiExit
 from kdbook_utils.plots import DPI
 from kdbook_utils.presets import Preset
-from kdbook_utils.train import DeviceLike, resolve_device
+from kdbook_utils.train import DeviceLike
 
 
 @dataclass(frozen=True)
@@ -312,23 +312,27 @@ extra exit): Hinton KD with MSKD's teacher, temperature, weights and epochs, the
 
 @dataclass
 class MSKDRunner(LessonRunner):
-    """What lesson 4 runs, written once for the notebook, the results recorder and the command line."""
+    """What lesson 4 runs, written once for the notebook, the results recorder and the command line.
+
+    A job is ``{"method": name}``, ``name`` one of :data:`METHODS`."""
 
     STAGES: ClassVar[dict[str, Stage]] = {
         "final": Stage("every way of training the multi-exit student, over the seeds", (),
-                       lambda runner: runner.compare_all()),
+                       lambda runner: runner.compare_all(), split="test"),
     }  # fmt: skip
+    SETTINGS: ClassVar[Mapping[str, MSKDLesson]] = SETTINGS
+    lesson: ClassVar[str] = "mskd"
 
-    preset: Preset
-    settings: MSKDLesson
-    splits: DataSplits  # at the lesson's image size; train cut to the students' images
-    teacher: nn.Module
-    teacher_exits: MultiExit
-    device: DeviceLike = None
-    progress: bool = True
-    cache: TeacherOutputCache = field(default_factory=TeacherOutputCache)
-    runs: dict = field(default_factory=dict)
-    lesson: str = "mskd"
+    teacher: TrainedModel
+    exits: TrainedModel  # the teacher with exit heads, for OtO (its ``model`` is a MultiExit)
+
+    @property
+    def teacher_exits(self) -> MultiExit:
+        """The OtO teacher: the lesson's teacher with an exit head after every stage."""
+        return self.exits.model
+
+    def trained_models(self) -> dict[str, TrainedModel]:
+        return {"teacher": self.teacher, "teacher with exits": self.exits}
 
     @classmethod
     def prepare(
@@ -340,27 +344,22 @@ class MSKDRunner(LessonRunner):
         progress: bool = True,
         settings: MSKDLesson | None = None,
     ) -> MSKDRunner:
-        """Train (once) the teacher on the whole training split, and its exit heads for OtO."""
-        settings = settings or SETTINGS[preset.name]
-        device = resolve_device(device)
+        """Load the teacher (trained on the whole training split) and its exit heads for OtO (shipped,
+        cached, or trained where the preset allows); cut the students' images from the training split."""
+        settings = cls.settings_for(preset, settings)
+        device, precision = cls.runtime(preset, device)
         sized = DataSplits(*(data.resized(settings.image_size) for data in splits))
-        common = {
-            "lr": settings.lr,
-            "batch_size": settings.batch_size,
-            "device": device,
-            "progress": progress,
-        }
+        common = {"lr": settings.lr, "batch_size": settings.batch_size, "device": device, "precision": precision,
+                  "may_train": preset.train_teachers, "progress": progress}  # fmt: skip
         teacher = cached_teacher(settings.teacher, sized, epochs=settings.teacher_epochs,
-                                 model_options=settings.teacher_options, **common).model  # fmt: skip
-        exits = cached_teacher_exits(
-            teacher, sized, epochs=settings.head_epochs, heads=settings.heads, **common
-        )
+                                 model_options=settings.teacher_options, **common)  # fmt: skip
+        exits = cached_teacher_exits(teacher.model, sized, epochs=settings.head_epochs, heads=settings.heads,
+                                     **common)  # fmt: skip
         train = sized.train
         if settings.student_images is not None and settings.student_images < len(train):
             train = train.subset(settings.student_images, seed=0)
-        return cls(
-            preset, settings, DataSplits(train, sized.val, sized.test), teacher, exits, device, progress
-        )
+        return cls(preset, settings, DataSplits(train, sized.val, sized.test), device, precision, progress,
+                   teacher, exits)  # fmt: skip
 
     def build(self) -> nn.Module:
         data = self.splits.train
@@ -383,28 +382,27 @@ class MSKDRunner(LessonRunner):
             return None
         if name == SINGLE_KD:
             plain = self.network(exits=())
-            return lambda student: MSKD(plain(student), self.teacher, **loss)
+            return lambda student: MSKD(plain(student), self.teacher.model, **loss)
         if name == MULTI_CE:
             return lambda student: MultiExitCrossEntropy(self.network()(student), alpha=s.alpha)
         if name == MSKD_COPY:
-            return lambda student: MSKD(self.network()(student), self.teacher, **loss)
+            return lambda student: MSKD(self.network()(student), self.teacher.model, **loss)
         if name == OTO:
             return lambda student: OtO(self.network()(student), self.teacher_exits, **loss)
         if name == MSKD_LIGHT:
-            return lambda student: MSKD(self.network(heads="light")(student), self.teacher, **loss)
+            return lambda student: MSKD(self.network(heads="light")(student), self.teacher.model, **loss)
         raise ValueError(f"Unknown method {name!r}; the lesson's methods are {METHODS}.")
 
-    def student_run(self, name: str, seed: int) -> StudentRun:
-        if (name, seed) not in self.runs:
-            s = self.settings
-            self.runs[(name, seed)] = train_student(self.build, self.method(name), self.splits, seed=seed,
-                                                    epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
-                                                    cache=self.cache, keep_logits=True, device=self.device)  # fmt: skip
-        return self.runs[(name, seed)]
+    def complete(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        if spec.get("method") not in METHODS:
+            raise ValueError(f"Unknown method {spec.get('method')!r}; the lesson's methods are {METHODS}.")
+        return {"method": spec["method"]}
 
-    def job(self, spec: Mapping[str, object], seed: int) -> StudentRun:
-        """A job is ``{"method": name}``, ``name`` one of :data:`METHODS`."""
-        return self.student_run(str(spec["method"]), seed)
+    def train_job(self, spec: dict[str, Any], seed: int) -> StudentRun:
+        s = self.settings
+        return train_student(self.build, self.method(spec["method"]), self.splits, seed=seed, epochs=s.epochs,
+                             lr=s.lr, batch_size=s.batch_size, cache=self.cache, keep_logits=True,
+                             device=self.device, precision=self.precision)  # fmt: skip
 
     def compare_all(self, methods: Sequence[str] = METHODS) -> pd.DataFrame:
         """Every method over the lesson's seeds: one tidy table (a row per exit and the ensemble)."""

@@ -28,6 +28,7 @@ from IPython.display import Markdown, display
 from kdbook_utils.checkpoints import cache_dir
 from kdbook_utils.data import preset_data
 from kdbook_utils.experiments import (
+    TrainedModel,
     compare,
     git_commit,
     machine_description,
@@ -36,8 +37,8 @@ from kdbook_utils.experiments import (
     write_results,
 )
 from kdbook_utils.lessons import RESULTS, crosslayer, hinton, lsl, mskd, settings_hash
-from kdbook_utils.presets import Preset, active_preset, get_preset
-from kdbook_utils.train import DeviceLike, autocast_dtype, resolve_device
+from kdbook_utils.presets import Preset, get_preset
+from kdbook_utils.train import DeviceLike, precision_name
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,6 @@ def preset_hash(preset: Preset) -> str:
     return recipe_hash({k: v for k, v in dataclasses.asdict(preset).items() if k != "description"})
 
 
-def precision_name(device: torch.device) -> str:
-    """What :func:`~kdbook_utils.train.fit` trains in on ``device`` by default under the current preset."""
-    return str(autocast_dtype(None, device) or torch.float32).removeprefix("torch.")
-
-
 def run_provenance(
     lesson: str, preset: Preset, settings: Any, device: Any, wall_seconds: float, command: str, **extra: Any
 ) -> dict[str, Any]:
@@ -118,20 +114,30 @@ def record(
     settings = settings or entry.settings[preset.name]
     models = cache_dir() / "models"
     cached_before = set(models.glob("*.pt"))
-    with active_preset(preset):  # fit's device and precision rules follow the preset recorded
-        device = resolve_device(device)
-        started = time.perf_counter()
-        splits = preset_data(preset, root=root)
-        runner = entry.runner.prepare(preset, splits, device=device, progress=progress, settings=settings)
-        runs = runner.record()
-        wall = time.perf_counter() - started
-        precision = precision_name(device)
-    provenance = run_provenance(lesson, preset, settings, device, wall,
+    started = time.perf_counter()
+    splits = preset_data(preset, root=root)
+    runner = entry.runner.prepare(preset, splits, device=device, progress=progress, settings=settings)
+    runs = runner.record()
+    wall = time.perf_counter() - started
+    provenance = run_provenance(lesson, preset, settings, runner.device, wall,
                                 f"python -m kdbook_utils record {lesson} --preset {preset.name}",
-                                precision=precision,
+                                precision=precision_name(runner.precision), teachers=runner_teachers(runner),
                                 models_trained=sorted(p.stem for p in set(models.glob("*.pt")) - cached_before))  # fmt: skip
     table_path, _ = write_results(runs, results_path(lesson, preset.name, folder), provenance)
     return table_path
+
+
+def runner_teachers(runner: Any) -> list[dict[str, Any]]:
+    """The teachers a lesson ran with, where each came from (shipped, cache, trained) and, for a shipped
+    one, what it was trained on and its recorded test accuracy."""
+    found = []
+    for value in vars(runner).values():
+        for model in value if isinstance(value, list) else [value]:
+            if isinstance(model, TrainedModel):
+                found.append({"model": model.path.name, "source": model.source,
+                              **{k: model.record[k] for k in ("trained_on", "precision", "test_accuracy")
+                                 if k in model.record}})  # fmt: skip
+    return found
 
 
 def check_recorded(lesson: str, preset: str = "lab", folder: Path | None = None) -> tuple[pd.DataFrame, dict]:

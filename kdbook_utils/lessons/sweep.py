@@ -46,7 +46,7 @@ from kdbook_utils.data import preset_data
 from kdbook_utils.experiments import recipe_hash
 from kdbook_utils.lessons import LessonRunner
 from kdbook_utils.lessons.records import lesson_entry
-from kdbook_utils.presets import DATA_ROOT_ENV_VAR, Preset, active_preset, get_preset
+from kdbook_utils.presets import DATA_ROOT_ENV_VAR, Preset, get_preset
 
 __all__ = ["RayExecutor", "RunFolder", "ray_available", "start_ray"]
 
@@ -219,8 +219,7 @@ def _train_one(lesson: str, preset_name: str, settings: Any, root: str | None, d
                spec: dict[str, Any], seed: int, threads: float) -> list[dict[str, Any]]:  # fmt: skip
     """One (job, seed) of a lesson on a Ray worker: its tidy rows without the lesson, label and seed."""
     torch.set_num_threads(max(1, int(threads)))
-    with active_preset(get_preset(preset_name)):
-        runner = _worker_runner(lesson, preset_name, settings, root, device)
-        rows = runner.job(spec, seed).rows()
+    runner = _worker_runner(lesson, preset_name, settings, root, device)
+    rows = runner.job(spec, seed).rows()
     runner.runs.clear()  # the driver keeps the rows; the worker need not keep the trained network
     return rows

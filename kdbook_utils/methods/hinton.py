@@ -177,22 +177,19 @@ class HintonKD(Distiller):
                 f"alpha weighs the hard-label term and must lie in [0, 1]; got {alpha!r} "
                 "(alpha = 1 is the student alone, alpha = 0 pure distillation)."
             )
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be a function like kd_loss(student_logits, teacher_logits, T); got {loss!r}.")
         self.temperature = float(temperature)
         self.alpha = float(alpha)
-        self.loss = loss
-        self._checked = False
+        self.loss = kd_loss if loss is None else loss
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}"
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        teacher_logits = self.teacher_outputs(images, labels).logits.detach()
+        with torch.no_grad():  # the teacher is frozen (and kept in eval mode): its logits are only targets
+            teacher_logits = self.teacher_outputs(images, labels).logits
         student_logits = self.student(images)
-        teacher_logits = teacher_logits.to(student_logits.dtype)
-        if self.loss is not None:
-            soft = self.loss(student_logits, teacher_logits, self.temperature)
-        else:
-            soft = kd_loss(student_logits, teacher_logits, self.temperature, check_values=not self._checked)
-            self._checked = True
+        soft = self.loss(student_logits, teacher_logits, self.temperature)  # T^2 KL(p || q), kd_loss
         hard = F.cross_entropy(student_logits, labels)
-        return student_logits, {"ce": self.alpha * hard, "kd": (1.0 - self.alpha) * soft}
+        return student_logits, {"ce": self.alpha * hard, "kd": (1 - self.alpha) * soft}

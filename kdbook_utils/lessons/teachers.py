@@ -1,0 +1,101 @@
+"""The lessons' teachers, trained once and shipped with the package.
+
+Every lesson learns from teachers that take minutes (``quick``) to hours (``lab`` on a CPU) to train. The
+course trains them once, with the same code a lesson would run, and ships them in
+``kdbook_utils/teachers/``: each file stores its weights in half precision, and ``manifest.json`` records
+its SHA-256 (checked before every load), its recipe, what it was trained on, the precision it trained in
+and its accuracy on the test split. A lesson finds them by their recipe
+(:func:`kdbook_utils.experiments.cached_model`), so a changed recipe is never served a stale teacher.
+
+::
+
+    python -m kdbook_utils teachers hinton --preset lab --data ~/data/cifar10          # train into the cache
+    python -m kdbook_utils teachers hinton --preset lab --data ~/data/cifar10 --ship   # and ship them
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdbook_utils.checkpoints import MANIFEST, SHIPPED, file_sha256, read_checkpoint, save_checkpoint
+from kdbook_utils.data import TensorLoader, preset_data
+from kdbook_utils.experiments import TrainedModel, git_commit, machine_description
+from kdbook_utils.lessons import LessonRunner
+from kdbook_utils.presets import Preset
+from kdbook_utils.train import DeviceLike, evaluate
+
+__all__ = ["ship", "train_teachers"]
+
+
+def train_teachers(
+    runner_class: type[LessonRunner],
+    preset: Preset,
+    *,
+    root: str | os.PathLike | None = None,
+    device: DeviceLike = None,
+    progress: bool = True,
+) -> LessonRunner:
+    """Train (or load) every teacher of a lesson, its notebook's included, into the cache: the lesson's
+    runner prepared with ``train_teachers=True``, whatever the preset says."""
+    splits = preset_data(preset, root=root)
+    runner = runner_class.prepare(preset.replace(train_teachers=True), splits, device=device, progress=progress)
+    runner.notebook_teachers()
+    return runner
+
+
+def _left_out(model: TrainedModel) -> tuple[str, ...]:
+    """Weights a shipped file need not store: exit heads trained on a frozen copy of the teacher leave the
+    copy out (the loader rebuilds it from the teacher, which ships on its own)."""
+    recipe = read_checkpoint(model.path)["metadata"].get("recipe", {})
+    return ("backbone.",) if recipe.get("kind") == "teacher exits" and not recipe.get("joint") else ()
+
+
+def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dict[str, Any]]:
+    """Write every teacher of ``runner`` into the package's shipped models, in half precision, measured on
+    the test split after the round trip through half precision, and record each in the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": {}}
+    test_loader = TensorLoader(runner.splits.test, 512, train=False, device=runner.device)
+    records = []
+    for role, trained in runner.trained_models().items():
+        stored = read_checkpoint(trained.path)
+        name = f"{trained.model.cache_key}.pt"
+        float32_accuracy = evaluate(trained.model, test_loader, device=runner.device)["accuracy"]
+        target = save_checkpoint(trained.model, folder / name, storage=torch.float16, leave_out=_left_out(trained),
+                                 **stored["metadata"])  # fmt: skip
+        reloaded = read_checkpoint(target)
+        copy = _half_copy(trained.model, reloaded)
+        history = stored["metadata"].get("history") or {}
+        record = {
+            "lesson": runner.lesson, "role": role, "preset": runner.preset.name,
+            "recipe": stored["metadata"].get("recipe", {}), "trained_on": stored["metadata"].get("recipe", {}).get("train_data"),
+            "precision": stored["metadata"].get("recipe", {}).get("precision", "float32"), "stored_as": "float16",
+            "test_accuracy": evaluate(copy, test_loader, device=runner.device)["accuracy"],
+            "test_accuracy_float32": float32_accuracy, "test_images": len(runner.splits.test),
+            "train_seconds": round(sum(history.get("seconds", [])), 1), "bytes": target.stat().st_size,
+            "sha256": file_sha256(target), "machine": machine_description(), "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "command": command,
+        }  # fmt: skip
+        manifest["models"][name] = record
+        records.append({"file": name, **record})
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".manifest.", suffix=".tmp")
+    with os.fdopen(handle, "w") as file:
+        json.dump(manifest, file, indent=1, sort_keys=True)
+    os.replace(temporary, manifest_path)
+    return records
+
+
+def _half_copy(model: torch.nn.Module, checkpoint: dict[str, Any]) -> torch.nn.Module:
+    """``model`` with the weights a shipped file holds: rounded to half precision, as a learner gets them."""
+    rounded = copy.deepcopy(model)
+    rounded.load_state_dict(checkpoint["state_dict"], strict=not checkpoint["metadata"].get("left_out"))
+    return rounded.eval()
