@@ -115,6 +115,7 @@ class TrainedModel:
     history: pd.DataFrame | None
     path: Path
     source: str
+    recipe: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -212,7 +213,7 @@ def cached_model(
             print(f"Trained {name} in {time.perf_counter() - started:.0f} s; saved to {path}")
         else:
             print(f"Loaded {name} from the {'package (shipped)' if source == 'shipped' else 'cache'}: {path}")
-    return TrainedModel(model, history, path, source, record)
+    return TrainedModel(model, history, path, source, dict(recipe), record)
 
 
 def cached_teacher(
@@ -736,7 +737,7 @@ def run_seeds(
 # Comparisons
 # --------------------------------------------------------------------------------------------------------
 
-VERDICTS = ("better", "worse", "no difference")
+VERDICTS = ("better", "worse", "inconclusive")
 
 
 @dataclass
@@ -751,7 +752,7 @@ class Comparison:
     split: str
 
     def verdict(self, method: str) -> str:
-        """``"better"``, ``"worse"``, ``"no difference"``, ``"no verdict"`` (too few seeds) or
+        """``"better"``, ``"worse"``, ``"inconclusive"``, ``"no verdict"`` (too few seeds) or
         ``"failed"`` for ``method`` against the baseline."""
         return str(self.table.loc[method, "verdict"])
 
@@ -772,7 +773,8 @@ class Comparison:
         words = {
             "better": "better than the baseline: the whole interval lies above zero",
             "worse": "worse than the baseline: the whole interval lies below zero",
-            "no difference": "no difference that can be told apart from seed noise: the interval contains zero",
+            "inconclusive": (f"inconclusive: the interval, {row['ci_high'] - row['ci_low']:.1f} points wide, "
+                             "contains zero, so these runs cannot tell a difference from seed noise"),
         }[verdict]
         return f"{head} on the {self.split} split; {interval}: **{words}**."
 
@@ -825,7 +827,7 @@ def compare(
     the seeds both it and the baseline ran without failing, the mean paired difference
     ``d = method - baseline`` with its ``confidence`` interval from Student's t distribution
     (``mean(d) ± t_{n-1} * std(d) / sqrt(n)``), and a verdict in words chosen by the numbers: ``better``
-    (the interval lies above zero), ``worse`` (below zero), ``no difference`` (it contains zero: the
+    (the interval lies above zero), ``worse`` (below zero), ``inconclusive`` (it contains zero: the
     difference cannot be told apart from seed noise), ``no verdict`` (fewer than two paired seeds), or
     ``failed`` (every run of the method failed). Failed runs are counted and left out of the statistics.
     """
@@ -887,7 +889,7 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> d
     spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (count - 1))
     half = float(stats.t.ppf(0.5 + confidence / 2, count - 1)) * spread / math.sqrt(count)
     low, high = mean - half, mean + half
-    verdict = "better" if low > 0 else "worse" if high < 0 else "no difference"
+    verdict = "better" if low > 0 else "worse" if high < 0 else "inconclusive"
     return {"difference": mean, "ci_low": low, "ci_high": high, "verdict": verdict}
 
 

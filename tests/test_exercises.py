@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from kdbook_utils.exercises import CheckResult
 from kdbook_utils.exercises.crosslayer import check_cross_two_layers, check_fsp_matrix
-from kdbook_utils.exercises.hinton import check_high_temperature_prediction, check_kd_loss
+from kdbook_utils.exercises.hinton import check_fewer_images, check_high_temperature_limit, check_kd_loss
 from kdbook_utils.exercises.lsl import check_bindings, check_inter_class_gram
 from kdbook_utils.exercises.mskd import check_exit_loss, check_threshold_for_budget
 from kdbook_utils.exercises.result import Exercise
@@ -137,29 +137,74 @@ def test_check_kd_loss_reports_an_unfinished_answer_as_not_done(stub: Callable) 
     assert_result(check_kd_loss(stub), "not done")
 
 
-def test_high_temperature_prediction_check() -> None:
-    assert_result(check_high_temperature_prediction("uniform", "levels off"), "correct", "logit-matching")
-    assert_result(check_high_temperature_prediction(" Uniform", "LEVELS OFF "), "correct")
-    assert_result(
-        check_high_temperature_prediction("one-hot", "levels off"), "incorrect", "uniform (1/C each)"
-    )
-    assert_result(check_high_temperature_prediction("unchanged", "levels off"), "incorrect", "uniform")
-    assert_result(
-        check_high_temperature_prediction("uniform", "goes to zero"), "incorrect", "T^2 factor cancels"
-    )
-    assert_result(
-        check_high_temperature_prediction("uniform", "grows without bound"),
-        "incorrect",
-        "shrinks exactly as fast",
-    )
-    both = assert_result(check_high_temperature_prediction("one-hot", "goes to zero"), "incorrect")
-    assert "Soft targets" in both.feedback and "kd_loss" in both.feedback
-    assert_result(
-        check_high_temperature_prediction("blurry", "levels off"), "incorrect", "not one of the choices"
-    )
-    assert_result(check_high_temperature_prediction(None, None), "not done", "soft targets")
-    assert_result(check_high_temperature_prediction("uniform", None), "not done", "kd_loss")
-    assert_result(check_high_temperature_prediction("", "levels off"), "not done")
+def right_limit(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    centred = (z - z.mean(dim=1, keepdim=True)) - (v - v.mean(dim=1, keepdim=True))
+    return centred.pow(2).sum(dim=1).mean() / (2 * z.shape[1])
+
+
+LIMIT_MISTAKES: dict[str, Callable] = {
+    "twice the limit": lambda z, v: 2 * right_limit(z, v),
+    "C times the limit": lambda z, v: right_limit(z, v) * z.shape[1],
+    "1/C times the limit": lambda z, v: right_limit(z, v) / z.shape[1],
+    "B times the limit": lambda z, v: right_limit(z, v) * len(z),
+    "centre each image's logits": lambda z, v: (z - v).pow(2).sum(dim=1).mean() / (2 * z.shape[1]),
+    "integrate in z": lambda z, v: right_limit(z, v) + 0.3,
+}
+
+
+def test_check_high_temperature_limit_accepts_a_derivation_and_names_each_slip() -> None:
+    real_z, real_v = torch.randn(64, 10) * 2, torch.randn(64, 10) * 3
+    assert_result(check_high_temperature_limit(right_limit, real_z, real_v), "correct")
+    for hint, wrong in LIMIT_MISTAKES.items():
+        assert_result(check_high_temperature_limit(wrong, real_z, real_v), "incorrect", hint)
+    assert_result(check_high_temperature_limit(not_written), "not done")
+    from kdbook_utils.methods.hinton import logit_matching_limit
+
+    result = assert_result(check_high_temperature_limit(logit_matching_limit), "incorrect", "package's own")
+    assert "sum(dim=1)" not in result.feedback and "2 * C" not in result.feedback  # never the formula
+
+
+def test_check_kd_loss_refuses_the_package_loss_itself() -> None:
+    from kdbook_utils.methods.hinton import kd_loss
+
+    assert_result(check_kd_loss(kd_loss), "incorrect", "Write the loss yourself")
+
+    def delegates(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
+        return kd_loss(s, t, T)
+
+    assert_result(check_kd_loss(delegates), "incorrect", "Write the loss yourself")
+
+
+def fewer_images_runs(kd_gain: float, seeds: int = 3) -> pd.DataFrame:
+    rows = []
+    for seed in range(seeds):
+        for method, accuracy in (("student alone", 80.0 + seed), ("KD", 80.0 + seed + kd_gain + 0.1 * seed)):
+            rows.append({"method": method, "seed": seed, "split": "test", "output": "final",
+                         "accuracy": accuracy, "failed": ""})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_check_fewer_images_checks_the_experiment_the_verdict_and_the_quoted_difference() -> None:
+    jobs = {"student alone": {"method": "student alone", "images": 100},
+            "KD": {"method": "KD", "temperature": 4.0, "alpha": 0.1, "images": 100}}  # fmt: skip
+    runs = fewer_images_runs(3.0)
+    right = "The mean paired difference was +3.1 points, larger than before, as I predicted."
+    assert_result(check_fewer_images(jobs, runs, "larger", "better", right, 300), "correct")
+    assert_result(check_fewer_images(None, None, "", "", "", 300), "not done")
+    assert_result(check_fewer_images(jobs, runs, "", "better", right, 300), "not done", "prediction")
+    wrong_verdict = assert_result(check_fewer_images(jobs, runs, "larger", "worse", right, 300), "incorrect",
+                                  "does not follow")  # fmt: skip
+    assert "better" not in wrong_verdict.feedback, "the feedback must not give the verdict away"
+    assert_result(check_fewer_images(jobs, runs, "larger", "no difference", right, 300), "incorrect",
+                  "three words")  # fmt: skip
+    assert_result(check_fewer_images(jobs, runs, "larger", "better", "It got better.", 300), "incorrect",
+                  "Quote your run's own")  # fmt: skip
+    too_many = {label: {**job, "images": 400} for label, job in jobs.items()}
+    assert_result(check_fewer_images(too_many, runs, "larger", "better", right, 300), "incorrect", "fewer than")
+    unpaired = {**jobs, "KD": {**jobs["KD"], "images": 50}}
+    assert_result(check_fewer_images(unpaired, runs, "larger", "better", right, 300), "incorrect", "same number")
+    one_seed = fewer_images_runs(3.0, seeds=1)
+    assert_result(check_fewer_images(jobs, one_seed, "larger", "better", right, 300), "incorrect", "One seed")
 
 
 # ------------------------------------------------------------------------------------------- lesson 2: LSL
@@ -477,7 +522,8 @@ def _checks(answer: Any, tables: tuple[pd.DataFrame, pd.DataFrame]) -> dict[str,
         "inter_class_gram": lambda: check_inter_class_gram(answer),
         "fsp_matrix": lambda: check_fsp_matrix(answer),
         "exit_loss": lambda: check_exit_loss(answer),
-        "high_temperature": lambda: check_high_temperature_prediction(answer, answer),
+        "high_temperature": lambda: check_high_temperature_limit(answer),
+        "fewer_images": lambda: check_fewer_images(answer, answer, answer, answer, answer, 300),
         "bindings": lambda: check_bindings(answer, *tables, answer),
         "cross_two_layers": lambda: check_cross_two_layers(answer),
         "threshold": lambda: check_threshold_for_budget(answer, exits, labels, [1.0, 2.0], 3.0),
@@ -532,7 +578,7 @@ def test_checks_return_results_instead_of_printing_or_raising(module: str) -> No
 
 
 STABLE_METHOD_NAMES = {
-    "kdbook_utils.methods.hinton": {"kd_loss"},
+    "kdbook_utils.methods.hinton": {"kd_loss", "logit_matching_limit"},
     "kdbook_utils.methods.lsl": {"inter_class_gram"},
     "kdbook_utils.methods.crosslayer": {"fsp_matrix", "cross_layer_pairs"},
     "kdbook_utils.methods.mskd": {"exit_loss", "early_exit", "threshold_sweep"},

@@ -4,6 +4,7 @@ comparison that tells a gain from seed noise."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import kdbook_utils.experiments as experiments_module
 from kdbook_utils.data import DataSplits, TensorLoader, load_dataset
 from kdbook_utils.experiments import (
     TeacherCacheMismatch,
@@ -28,6 +30,7 @@ from kdbook_utils.methods.hinton import HintonKD
 from kdbook_utils.methods.mskd import MSKD
 from kdbook_utils.models import create_model
 from kdbook_utils.models.multi_exit import MultiExit
+from kdbook_utils.presets import get_preset
 from kdbook_utils.train import fit, seed_everything
 
 
@@ -179,18 +182,59 @@ def test_cached_teacher_trains_once_then_loads_and_names_its_recipe(splits: Data
 
 def test_cached_teacher_exits_and_adapted_teachers(splits: DataSplits) -> None:
     teacher = cached_teacher("resnet8", splits, epochs=1, batch_size=32, progress=False).model
-    exits = cached_teacher_exits(teacher, splits, epochs=1, batch_size=32, progress=False)
+    exits = cached_teacher_exits(teacher, splits, epochs=1, batch_size=32, progress=False).model
     assert isinstance(exits, MultiExit) and exits.exit_names == ("stage1", "stage2", "final")
     for name, value in teacher.state_dict().items():  # the frozen backbone is the trained teacher
         assert torch.equal(exits.backbone.state_dict()[name], value)
     again = cached_teacher_exits(teacher, splits, epochs=1, batch_size=32, progress=False)
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in exits.state_dict().items())
+    assert again.source == "cache"
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in exits.state_dict().items())
 
     wide = cached_teacher("resnet10_cifar", splits, epochs=1, batch_size=32, model_options={"base_width": 8},
                           progress=False).model  # fmt: skip
     student = create_model("resnet10_cifar", 10, base_width=4)
-    adapted = cached_adapted_teacher(wide, student, splits, epochs=1, batch_size=32, progress=False)
+    adapted = cached_adapted_teacher(wide, student, splits, epochs=1, batch_size=32, progress=False).model
     assert any(point.endswith("_reduce") for point in adapted.feature_points)
+
+
+def test_a_shipped_teacher_is_found_by_its_recipe_whatever_the_precision(
+    splits: DataSplits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A teacher shipped with the package is loaded (its SHA-256 checked) when the cache lacks it, whatever
+    precision the run trains in; a missing one is refused, with the way to get it, where training is not
+    allowed; a changed recipe never finds it."""
+    from kdbook_utils import checkpoints
+    from kdbook_utils.experiments import TeacherNotTrainedError
+    from kdbook_utils.lessons.teachers import ship
+
+    trained = cached_teacher("resnet8", splits, epochs=1, batch_size=32, progress=False)
+    folder = tmp_path / "shipped"
+
+    class Runner:  # the part of a lesson runner that ship() reads
+        lesson, preset, device = "demo", get_preset("smoke"), torch.device("cpu")
+
+        def __init__(self) -> None:
+            self.splits = splits
+
+        def trained_models(self) -> dict:
+            return {"teacher": trained}
+
+    (record,) = ship(Runner(), "a test", folder)  # type: ignore[arg-type]
+    assert record["stored_as"] == "float16" and record["precision"] == "float32"
+    assert 0 <= record["test_accuracy"] <= 100 and record["sha256"] == checkpoints.file_sha256(folder / record["file"])
+    monkeypatch.setattr(checkpoints, "SHIPPED", folder)
+    monkeypatch.setattr(experiments_module, "shipped_model", lambda name: checkpoints.shipped_model(name, folder))
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "empty-cache"))
+    for precision in (None, "bf16"):
+        found = cached_teacher("resnet8", splits, epochs=1, batch_size=32, progress=False, precision=precision,
+                               may_train=False)  # fmt: skip
+        assert found.source == "shipped" and found.record["sha256"] == record["sha256"]
+        for name, value in trained.model.state_dict().items():  # the half-precision copy, back in float32
+            loaded = found.model.state_dict()[name]
+            assert loaded.dtype == value.dtype
+            torch.testing.assert_close(loaded, value.half().to(value.dtype) if value.is_floating_point() else value)
+    with pytest.raises(TeacherNotTrainedError, match="train_teachers=True"):
+        cached_teacher("resnet8", splits, epochs=2, batch_size=32, progress=False, may_train=False)
 
 
 # -------------------------------------------------------------------------------------------- students
@@ -295,7 +339,7 @@ def test_verdicts_follow_known_differences() -> None:
     comparison = compare(runs, "alone")
     assert comparison.verdict("helps") == "better"
     assert comparison.verdict("hurts") == "worse"
-    assert comparison.verdict("same") == "no difference"
+    assert comparison.verdict("same") == "inconclusive"
     assert comparison.table.loc["helps", "ci_low"] > 0 > comparison.table.loc["hurts", "ci_high"]
     # pairing removes the shared seed-to-seed variation: the interval is far narrower than the std
     assert (

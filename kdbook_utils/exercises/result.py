@@ -17,20 +17,22 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
+import re
 import sys
 import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
+import pandas as pd
 from IPython.display import display
 
-if TYPE_CHECKING:
-    import pandas as pd
+from kdbook_utils.experiments import compare
 
-__all__ = ["CheckResult", "Exercise", "Status"]
+__all__ = ["CheckResult", "Exercise", "Status", "experiment_report", "uses"]
 
 Status = Literal["correct", "incorrect", "not done"]
 
@@ -204,3 +206,54 @@ def never_raises(exercise: Exercise) -> Callable[[CheckFunction], CheckFunction]
         return guarded  # type: ignore[return-value]
 
     return decorate
+
+
+def uses(function: object, names: tuple[str, ...]) -> bool:
+    """Whether ``function`` is, or its source code calls, one of the package's functions ``names``: an
+    answer that hands the exercise to the code it is checked against."""
+    if getattr(function, "__name__", None) in names and getattr(function, "__module__", "").startswith(
+        "kdbook_utils"
+    ):
+        return True
+    try:
+        source = inspect.getsource(function)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return False
+    return any(re.search(rf"\b{re.escape(name)}\s*\(", source) for name in names)
+
+
+def experiment_report(
+    exercise: Exercise, runs: object, baseline: str, method: str, verdict: object, explanation: object
+) -> CheckResult:
+    """The shared end of every experiment exercise: the learner's ``runs`` (a tidy table from
+    ``lesson.table``) hold ``baseline`` and ``method`` over the same two or more seeds; ``verdict`` is the
+    one their paired comparison on the test split gives; ``explanation`` quotes the run's own mean
+    paired difference (to one decimal). Says what is wrong and where to look, never the verdict."""
+    if not isinstance(runs, pd.DataFrame) or not {"method", "seed", "split", "accuracy"} <= set(runs.columns):
+        return exercise.incorrect("The runs must be the table lesson.table(...) returns (columns method, seed, "
+                                  "split, accuracy, ...).")  # fmt: skip
+    present = set(runs["method"])
+    missing = [name for name in (baseline, method) if name not in present]
+    if missing:
+        return exercise.incorrect(f"Your runs have no rows of {missing}: run both jobs with lesson.table.")
+    comparison = compare(runs, baseline, split="test", methods=[baseline, method])
+    row = comparison.table.loc[method]
+    if int(row["seeds"]) < 2:
+        return exercise.incorrect("One seed cannot tell a gain from seed noise: run the jobs over two or more "
+                                  "seeds (e.g. SETTINGS.seeds).")  # fmt: skip
+    if not str(verdict or "").strip() or not str(explanation or "").strip():
+        return exercise.not_done("Now write the verdict your comparison gives (MY_VERDICT) and your explanation.")
+    words = ("better", "worse", "inconclusive")
+    given = str(verdict).strip().lower()
+    if given not in words:
+        return exercise.incorrect(f"MY_VERDICT is {verdict!r}: use one of the three words {', '.join(words)}.")
+    computed = str(row["verdict"])
+    if given != computed:
+        return exercise.incorrect("Your verdict does not follow from your comparison: read where its 95 % "
+                                  "interval (ci_low, ci_high) lies with respect to zero.")  # fmt: skip
+    difference = float(row["difference"])
+    numbers = [float(text) for text in re.findall(r"[-+]?\d+(?:\.\d+)?", str(explanation))]
+    if not any(abs(abs(number) - abs(difference)) <= 0.051 for number in numbers):
+        return exercise.incorrect("Quote your run's own mean paired difference (in points, one decimal) in "
+                                  "your explanation, and say whether your prediction held.")  # fmt: skip
+    return exercise.correct(f"Your verdict and explanation follow from your {int(row['seeds'])} paired seeds.")

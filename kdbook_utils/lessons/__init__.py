@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import re
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +24,11 @@ import pandas as pd
 import torch
 from IPython.display import Markdown
 
-from kdbook_utils.data import DataSplits
+from kdbook_utils.data import DataSplits, TensorLoader
 from kdbook_utils.errors import must_be
 from kdbook_utils.experiments import StudentRun, TeacherOutputCache, TrainedModel, recipe_hash, run_seeds
 from kdbook_utils.presets import Preset
-from kdbook_utils.train import DeviceLike, preset_precision, resolve_device
+from kdbook_utils.train import DeviceLike, evaluate, precision_name, preset_precision, resolve_device
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 """Where recorded results live: ``lab/<lesson>.csv`` (+ ``.json`` provenance) and ``timings.csv``."""
@@ -133,6 +135,44 @@ class Stage(NamedTuple):
     output: str | None = None  # None: the final output
 
 
+def _images_in(model: TrainedModel) -> str:
+    """How many images a trained model learned from, read from its recipe's data identity (``n=...``)."""
+    identity = str(model.recipe.get("train_data", ""))
+    found = re.search(r"\bn=(\d+)", identity)
+    return f"{int(found.group(1)):,}" if found else "?"
+
+
+def show_source(obj: Any) -> Markdown:
+    """The package's own source code of a function or method, as a code block: what a lesson shows is the
+    code that runs."""
+    source = textwrap.dedent(inspect.getsource(obj))
+    module = inspect.getmodule(obj)
+    path = (module.__name__ if module else "?").replace(".", "/") + ".py"
+    return Markdown(f"`{path}`, `{obj.__qualname__}`:\n\n```python\n{source}```")
+
+
+def verdict_sentence(comparison: Any, method: str, preset: Preset, recorded: str) -> str:
+    """One sentence on what this run's comparison shows at its scale, whatever it shows: the verdict, and
+    for an interval that contains zero, that the run is inconclusive at this scale, with where the recorded
+    ``lab`` results of the same comparison are (``recorded``, e.g. "section 10")."""
+    row = comparison.table.loc[method]
+    verdict = str(row["verdict"])
+    if verdict == "failed":
+        return f"Every run of **{method}** failed, so this run says nothing about it (see the table)."
+    if verdict in ("no verdict",):
+        return f"One seed cannot tell a gain from seed noise: no verdict at this scale ({recorded} has the `lab` runs)."
+    if verdict in ("better", "worse"):
+        return (f"At this scale (preset `{preset.name}`), **{method}** is **{verdict}** than the baseline: the "
+                f"whole 95 % interval [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}] lies "
+                f"{'above' if verdict == 'better' else 'below'} zero. {recorded.capitalize()} has the recorded "
+                "`lab` runs of the same comparison.")  # fmt: skip
+    width = row["ci_high"] - row["ci_low"]
+    return (f"At this scale (preset `{preset.name}`) the comparison is **inconclusive**: the 95 % interval "
+            f"[{row['ci_low']:+.1f}, {row['ci_high']:+.1f}], {width:.1f} points wide, contains zero, so these "
+            f"runs cannot tell a gain of **{method}** from seed noise. That is not evidence that there is no "
+            f"effect; {recorded} has the recorded `lab` runs of the same comparison.")  # fmt: skip
+
+
 def job_key(spec: Mapping[str, Any]) -> str:
     """The key a run is kept under: the job's full specification as canonical JSON. A function in it (a
     learner's own loss, say) counts by its name and source code, so an edited function is a new job."""
@@ -236,10 +276,50 @@ class LessonRunner:
         """Train (once, cached) any teacher the lesson's notebook uses beyond those of ``prepare``; the
         notebook timer calls it to time the teachers alone. Default: there are none."""
 
+    def teacher_models(self) -> dict[str, TrainedModel]:
+        """The teachers of the lesson's comparisons, by role."""
+        return {}
+
     def trained_models(self) -> dict[str, TrainedModel]:
         """Every teacher the lesson uses, its notebook's included, by role: what ``python -m kdbook_utils
         teachers`` trains and ships, and what a results file's provenance names."""
-        return {}
+        return self.teacher_models()
+
+    @property
+    def student_epochs(self) -> int:
+        """How many epochs each student of the comparisons trains."""
+        return int(self.settings.epochs)
+
+    def teacher_accuracy(self, role: str | None = None) -> float:
+        """A teacher's accuracy (percent) on the validation split (default: the first teacher)."""
+        teachers = self.teacher_models()
+        model = teachers[role or next(iter(teachers))].model
+        return float(evaluate(model, TensorLoader(self.splits.val, 512, train=False, device=self.device),
+                              device=self.device)["accuracy"])  # fmt: skip
+
+    def scale(self) -> Markdown:
+        """The run's scale in one paragraph, computed from the settings and the teachers: how many images and
+        epochs each student gets, and what its teachers learned from and reach on the validation split."""
+        seeds = ", ".join(str(seed) for seed in getattr(self.settings, "seeds", ()))
+        teachers = self.teacher_models()
+        first = next(iter(teachers.values()))
+        where = {"shipped": "shipped with the course", "cache": "from your cache", "trained": "trained in this run"}
+        learned = _images_in(first)
+        text = (
+            f"**Scale** (preset `{self.preset.name}`, device `{self.device}`, "
+            f"{precision_name(self.precision)}): each student learns from **{len(self.splits.train):,}** "
+            f"images for **{self.student_epochs}** epochs (seeds {seeds}); choices are made on "
+            f"{len(self.splits.val):,} validation images and the final comparison uses {len(self.splits.test):,} "
+            f"test images. The teacher{'s' if len(teachers) > 1 else ''} "
+            f"({', '.join(sorted({str(getattr(t.model, 'arch', 'teacher')) for t in teachers.values()}))}, "
+            f"{where[first.source]}) learned from {learned} images and reach"
+            f"{'' if len(teachers) > 1 else 'es'} **{self.teacher_accuracy():.1f} %** on the validation split"
+            f"{' (the first of them)' if len(teachers) > 1 else ''}."
+        )
+        if learned != "?" and int(learned.replace(",", "")) > len(self.splits.train):
+            text += (" The teacher has seen more images than any student: the transfer-set regime of Hinton et "
+                     "al., where the student learns from the teacher's outputs on a smaller set.")  # fmt: skip
+        return Markdown(text)
 
     def table(self, jobs: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> pd.DataFrame:
         """Every job over ``seeds``: one row per (job label, seed, split, output), as ``run_seeds`` makes it."""

@@ -408,10 +408,16 @@ class CrossLayerRunner(LessonRunner):
         return lambda: create_model(arch, data.num_classes, in_channels=data.image_shape[0],
                                     base_width=self.settings.chain["base_width"])  # fmt: skip
 
+    def teacher_models(self) -> dict[str, TrainedModel]:
+        return {f"ensemble teacher {index + 1}": teacher for index, teacher in enumerate(self.teachers)}
+
     def trained_models(self) -> dict[str, TrainedModel]:
         r50, adapted = self.chain_teachers()
-        ensemble = {f"ensemble teacher {index + 1}": teacher for index, teacher in enumerate(self.teachers)}
-        return {**ensemble, "chain teacher (ResNet-50)": r50, "chain teacher with 1x1 adapters": adapted}
+        return {**self.teacher_models(), "chain teacher (ResNet-50)": r50, "chain teacher with 1x1 adapters": adapted}
+
+    @property
+    def student_epochs(self) -> int:
+        return self.settings.gram_epochs + self.settings.task_epochs
 
     def chain_teachers(self) -> tuple[TrainedModel, TrainedModel]:
         """The chain's ResNet-50 teacher (trained on the teachers' split) and its copy with 1x1 adapters to

@@ -248,7 +248,7 @@ class LSLRunner(LessonRunner):
         return cls(preset, settings, DataSplits(train, splits.val, splits.test), device, precision, progress,
                    splits.train, teacher)  # fmt: skip
 
-    def trained_models(self) -> dict[str, TrainedModel]:
+    def teacher_models(self) -> dict[str, TrainedModel]:
         return {"teacher": self.teacher}
 
     @property

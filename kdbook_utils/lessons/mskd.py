@@ -331,7 +331,7 @@ class MSKDRunner(LessonRunner):
         """The OtO teacher: the lesson's teacher with an exit head after every stage."""
         return self.exits.model
 
-    def trained_models(self) -> dict[str, TrainedModel]:
+    def teacher_models(self) -> dict[str, TrainedModel]:
         return {"teacher": self.teacher, "teacher with exits": self.exits}
 
     @classmethod
