@@ -1,7 +1,8 @@
 """Checks for the exercises of lesson 2, Layer Selectivity Learning (``notebooks/02_lsl_layer_selection``).
 
 1. :func:`check_inter_class_gram`: compute the inter-class Gram matrix of Eq. 6.
-2. :func:`check_bindings`: choose bindings from the two LSP tables (Eq. 7) and justify them.
+2. :func:`check_own_bindings`: an experiment: bindings of the learner's choosing against LSP's own, over
+   the seeds, with the verdict and an explanation that quotes the run.
 
 Each check returns a :class:`~kdbook_utils.exercises.result.CheckResult` ("Correct.", "Not yet." with
 what is wrong and a hint, or "Not done yet.") and never raises: a notebook whose exercises are not done
@@ -10,25 +11,21 @@ yet still runs top to bottom.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from kdbook_utils.exercises.result import CheckResult, Exercise, never_raises
+from kdbook_utils.exercises.result import CheckResult, Exercise, experiment_report, never_raises, uses
 from kdbook_utils.methods.lsl import inter_class_gram
 
-__all__ = ["BINDINGS", "INTER_CLASS_GRAM", "check_bindings", "check_inter_class_gram"]
+__all__ = ["BINDINGS", "INTER_CLASS_GRAM", "LSP_LABEL", "OWN_LABEL", "check_inter_class_gram", "check_own_bindings"]
 
 InterClassGram = Callable[[Tensor, Tensor, int], Tensor]
 
 INTER_CLASS_GRAM = Exercise("lsl-inter-class-gram", "Lesson 2, exercise 1: the inter-class Gram matrix")
-BINDINGS = Exercise("lsl-bindings", "Lesson 2, exercise 2: choose bindings from the LSP tables")
-
-#: Numbers quoted in a justification with at least this many decimals are taken as quoted scores.
-QUOTED_SCORE_DECIMALS = 2
+BINDINGS = Exercise("lsl-bindings", "Lesson 2, exercise 2: your bindings against LSP's, an experiment")
 
 
 def _hand_case() -> tuple[Tensor, Tensor, int]:
@@ -54,6 +51,9 @@ def _class_means(flat: Tensor, labels: Tensor, num_classes: int) -> Tensor:
 def check_inter_class_gram(candidate: InterClassGram) -> CheckResult:
     """Check ``candidate(features, labels, num_classes) -> (num_classes, num_classes)`` against Eq. 6:
     the cosine similarity of the class-mean features (flattened per image)."""
+    if uses(candidate, ("inter_class_gram", "layer_grams")):
+        return INTER_CLASS_GRAM.incorrect("Write it yourself from torch operations: your function calls the "
+                                          "package's own, which the check compares it with.")  # fmt: skip
     cases = [_hand_case(), _random_case(0), _random_case(1)]
     for index, (features, labels, num_classes) in enumerate(cases):
         answer, failed = INTER_CLASS_GRAM.call(candidate, features.clone(), labels.clone(), num_classes)
@@ -94,175 +94,53 @@ def check_inter_class_gram(candidate: InterClassGram) -> CheckResult:
     return INTER_CLASS_GRAM.correct("Symmetric, unit diagonal, and equal to the cosine of the class means.")
 
 
-def _lowest_layers(table: pd.DataFrame, count: int) -> list[str]:
-    """The ``count`` layers with the lowest LSP score (``l* = argmin LSP``, Eq. 7), in forward order."""
-    chosen = set(table["LSP"].nsmallest(count).index)
-    return [layer for layer in table.index if layer in chosen]
-
-
-def _canonical_names(names: Sequence[object], table: pd.DataFrame) -> list[object]:
-    """Map each name to the table's spelling when only the case differs (``"Conv5"`` -> ``"conv5"``)."""
-    by_lower = {str(layer).lower(): layer for layer in table.index}
-    return [name if name in table.index else by_lower.get(str(name).lower(), name) for name in names]
-
-
-def _quoted_scores(text: str) -> list[str]:
-    """Decimal numbers with at least two decimals that are not percentages: the scores a text quotes."""
-    pattern = rf"(?<![\w.])\d*\.\d{{{QUOTED_SCORE_DECIMALS},}}(?![\d.]|\s*%)"
-    return re.findall(pattern, text)
-
-
-def _matches_a_score(quoted: str, scores: list[float]) -> bool:
-    """Whether ``quoted`` is one of ``scores`` rounded (or cut) to the quoted number of decimals."""
-    decimals = len(quoted.split(".")[1])
-    value, unit = float(quoted), 10.0**-decimals
-    return any(abs(score - value) <= unit / 2 + 1e-12 or 0 <= score - value < unit for score in scores)
-
-
-def _check_justification(
-    justification: object,
-    bound: list[str],
-    teacher_table: pd.DataFrame,
-    student_table: pd.DataFrame,
-) -> tuple[bool, str]:
-    """What the code can verify in a justification: the layers it names and the scores it quotes.
-
-    Returns ``(consistent, feedback)``; the reasoning itself is left to the instructor's rubric.
-    """
-    text = "" if justification is None or justification is ... else str(justification).strip()
-    rubric = "Your instructor grades the reasoning with the course rubric."
-    if not text:
-        return True, (
-            "Now write your justification (a sentence or two on the scores that made you pick these layers) "
-            f"in the justification string. {rubric}"
-        )
-    layers = [str(layer) for table in (teacher_table, student_table) for layer in table.index]
-    prefixes = sorted({re.sub(r"\d+$", "", layer) for layer in layers} - {""}, key=len, reverse=True)
-    named: list[str] = []
-    if prefixes:
-        pattern = rf"\b(?:{'|'.join(map(re.escape, prefixes))})\d+\b"
-        named = list(dict.fromkeys(match.lower() for match in re.findall(pattern, text, flags=re.IGNORECASE)))
-    known = {layer.lower() for layer in layers}
-    unknown = [name for name in named if name not in known]
-    if unknown:
-        return False, (
-            f"Your justification names {', '.join(unknown)}, which no LSP table scores (teacher: "
-            f"{', '.join(map(str, teacher_table.index))}; student: {', '.join(map(str, student_table.index))})."
-        )
-    if named and not {layer.lower() for layer in bound} & set(named):
-        return False, (
-            f"Your justification talks about {', '.join(named)} only, but you bound {_describe(bound)}: "
-            "explain the layers you chose."
-        )
-    scores = [
-        float(value)
-        for table in (teacher_table, student_table)
-        for value in table.select_dtypes("number").to_numpy().ravel()
-    ]
-    quoted = _quoted_scores(text)
-    wrong = [number for number in quoted if not _matches_a_score(number, scores)]
-    if wrong:
-        return False, (
-            f"Your justification quotes {', '.join(wrong)}, which is no score in the LSP tables. Copy the "
-            f"numbers from the tables (the LSP of {_describe(bound, teacher_table, student_table)})."
-        )
-    verified = [f"names scored layers ({', '.join(named)})"] if named else []
-    verified += [f"quotes scores that are in the tables ({', '.join(quoted)})"] if quoted else []
-    return True, (f"Your justification {' and '.join(verified)}. " if verified else "") + rubric
-
-
-def _describe(
-    bound: list[str], teacher_table: pd.DataFrame | None = None, student_table: pd.DataFrame | None = None
-) -> str:
-    """``"teacher conv4, fc1 and student conv2, fc1"``, with each layer's LSP when the tables are given."""
-    sides = []
-    for side, layers, table in (
-        ("teacher", bound[0::2], teacher_table),
-        ("student", bound[1::2], student_table),
-    ):
-        named = [
-            layer if table is None else f"{layer} {float(table.loc[layer, 'LSP']):.3f}" for layer in layers
-        ]
-        sides.append(f"{side} {', '.join(named)}")
-    return " and ".join(sides)
+def _pairs(bindings: object, teacher_table: pd.DataFrame, student_table: pd.DataFrame) -> list[tuple[str, str]] | str:
+    """The bindings as ``[(teacher layer, student layer), ...]``, or what is wrong with them."""
+    if not isinstance(bindings, (list, tuple)) or not bindings:
+        return "MY_BINDINGS must be a non-empty list of (teacher layer, student layer) pairs."
+    pairs = []
+    for pair in bindings:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            return f"{pair!r} is not a (teacher layer, student layer) pair."
+        teacher_layer, student_layer = (str(name) for name in pair)
+        if teacher_layer not in teacher_table.index:
+            return f"{teacher_layer!r} is not a scored teacher layer; the teacher's are {list(teacher_table.index)}."
+        if student_layer not in student_table.index:
+            return f"{student_layer!r} is not a scored student layer; the student's are {list(student_table.index)}."
+        pairs.append((teacher_layer, student_layer))
+    if len(set(pairs)) != len(pairs):
+        return "A pair appears twice in MY_BINDINGS: bind each pair once."
+    return pairs
 
 
 @never_raises(BINDINGS)
-def check_bindings(
-    bindings: Sequence[tuple[str, str]] | None,
+def check_own_bindings(
+    bindings: object,
+    lsp_bindings: Sequence[tuple[str, str]],
+    runs: object,
+    prediction: object,
+    verdict: object,
+    explanation: object,
     teacher_table: pd.DataFrame,
     student_table: pd.DataFrame,
-    justification: str,
 ) -> CheckResult:
-    """Check bindings ``[(teacher_layer, student_layer), ...]`` chosen from two LSP tables (Eq. 7).
+    """Check the experiment of exercise 2: bindings of the learner's own choosing (valid layers of the two
+    LSP tables, not LSP's own), trained over the seeds beside LSP's (labels ``"LSP's bindings"`` and ``"my
+    bindings"``), the verdict the paired comparison of those runs gives, and an explanation that quotes
+    the run's mean difference."""
+    if bindings is None or runs is None:
+        return BINDINGS.not_done("Choose MY_BINDINGS, write your prediction, run the two jobs into own_runs, "
+                                 "then fill in your verdict and explanation.")  # fmt: skip
+    pairs = _pairs(bindings, teacher_table, student_table)
+    if isinstance(pairs, str):
+        return BINDINGS.incorrect(pairs)
+    if sorted(pairs) == sorted((str(t), str(s)) for t, s in lsp_bindings):
+        return BINDINGS.incorrect("Those are LSP's own bindings: the experiment compares them with a choice of "
+                                  "yours, so choose at least one pair LSP did not.")  # fmt: skip
+    if not str(prediction or "").strip():
+        return BINDINGS.not_done("Write your prediction in MY_PREDICTION before you run the experiment.")
+    return experiment_report(BINDINGS, runs, LSP_LABEL, OWN_LABEL, verdict, explanation)
 
-    A good choice binds, for ``k`` pairs, the ``k`` lowest-LSP layers of the teacher to the ``k``
-    lowest-LSP layers of the student, shallow to shallow (no crossing pairs). The ``justification`` is
-    checked only for what code can verify: the layers it names exist (and include a bound one), and any
-    score it quotes with two or more decimals is in the tables. Its reasoning is left to the instructor's
-    rubric; an empty justification does not cost the binding points. The result's ``table`` lists the
-    chosen pairs with their scores.
-    """
-    if bindings is None or bindings is ...:
-        return BINDINGS.not_done(
-            "Set your bindings: a list of (teacher_layer, student_layer) pairs, e.g. [('conv5', 'conv3'), ...]."
-        )
-    if isinstance(bindings, (str, bytes)):
-        return BINDINGS.incorrect("Give a list of (teacher_layer, student_layer) pairs, not one string.")
-    try:
-        pairs = [tuple(pair) for pair in bindings]
-    except TypeError:
-        return BINDINGS.incorrect("Give a list of (teacher_layer, student_layer) pairs.")
-    if not pairs:
-        return BINDINGS.not_done("Your list of bindings is empty: add (teacher_layer, student_layer) pairs.")
-    if len(pairs) > 3 or any(len(pair) != 2 or isinstance(pair, str) for pair in pairs):
-        return BINDINGS.incorrect("Give one to three bindings, each a pair (teacher_layer, student_layer).")
-    teacher_layers = _canonical_names([pair[0] for pair in pairs], teacher_table)
-    student_layers = _canonical_names([pair[1] for pair in pairs], student_table)
-    for side, table, chosen in (
-        ("teacher", teacher_table, teacher_layers),
-        ("student", student_table, student_layers),
-    ):
-        unknown = [layer for layer in chosen if layer not in table.index]
-        if unknown:
-            return BINDINGS.incorrect(
-                f"{unknown} are not scored {side} layers. The {side}'s LSP table has: "
-                f"{', '.join(map(str, table.index))}."
-            )
-        if len(set(chosen)) != len(chosen):
-            return BINDINGS.incorrect(f"Each {side} layer may be bound once; you repeated one in {chosen}.")
-    teacher_order = {layer: i for i, layer in enumerate(teacher_table.index)}
-    student_order = {layer: i for i, layer in enumerate(student_table.index)}
-    ordered = sorted(zip(teacher_layers, student_layers), key=lambda pair: teacher_order[pair[0]])
-    student_positions = [student_order[s] for _, s in ordered]
-    if student_positions != sorted(student_positions):
-        return BINDINGS.incorrect(
-            f"Your pairs cross: {ordered}. Bind shallow teacher layers to shallow student layers (in forward "
-            "order), as every configuration of the paper's Tables 4-8 does."
-        )
-    count = len(ordered)
-    lowest_teacher, lowest_student = (
-        _lowest_layers(teacher_table, count),
-        _lowest_layers(student_table, count),
-    )
-    chosen_teacher, chosen_student = [t for t, _ in ordered], [s for _, s in ordered]
-    if chosen_teacher != lowest_teacher or chosen_student != lowest_student:
-        return BINDINGS.incorrect(
-            f"LSP binds the {count} lowest-scoring layers of each network (Eq. 7, l* = argmin LSP): teacher "
-            f"{lowest_teacher}, student {lowest_student}. You chose teacher {chosen_teacher}, "
-            f"student {chosen_student}. Look at the LSP column again."
-        )
-    summary = pd.DataFrame(
-        {
-            "teacher": chosen_teacher,
-            "teacher LSP": [float(teacher_table.loc[t, "LSP"]) for t in chosen_teacher],
-            "student": chosen_student,
-            "student LSP": [float(student_table.loc[s, "LSP"]) for s in chosen_student],
-        }
-    )
-    bound = [str(layer) for pair in ordered for layer in pair]
-    consistent, about_justification = _check_justification(justification, bound, teacher_table, student_table)
-    verdict = f"These are LSP's choices: the {count} lowest-scoring layers of each network, in forward order."
-    if not consistent:
-        return BINDINGS.incorrect(f"The bindings are right. {about_justification}", summary)
-    return BINDINGS.correct(f"{verdict} {about_justification}", summary)
+
+LSP_LABEL = "LSP's bindings"
+OWN_LABEL = "my bindings"

@@ -199,6 +199,9 @@ def binding_label(bindings: Sequence[Binding]) -> str:
     return " + ".join(f"{t}->{s}" for t, s in bindings)
 
 
+LSP_IMAGES = 10_000
+"""LSP scores a network on at most this many of the teacher's training images (a stratified subset)."""
+
 LSP_BINDINGS = "LSL (LSP's bindings)"
 """The comparison's row for LSL with the bindings LSP itself selects on this run's networks."""
 
@@ -224,6 +227,10 @@ class LSLRunner(LessonRunner):
 
     full_train: ImageDataset  # the teacher's training split (LSP scores run over it)
     teacher: TrainedModel
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._lsp_grams: tuple[dict[str, LayerGrams], dict[str, LayerGrams]] | None = None
 
     @classmethod
     def prepare(
@@ -302,12 +309,23 @@ class LSLRunner(LessonRunner):
         best = best_on_validation(runs, "method", "alignment weight")
         return float(jobs[best]["alpha"]), runs
 
+    def lsp_grams(self) -> tuple[dict[str, LayerGrams], dict[str, LayerGrams]]:
+        """Both LSP matrices of every scored layer of the teacher and of the student trained alone (first
+        seed), over the teacher's training images in order, without augmentation (at most
+        :data:`LSP_IMAGES` of them); computed once."""
+        if self._lsp_grams is None:
+            data = self.full_train
+            if len(data) > LSP_IMAGES:
+                data = data.subset(LSP_IMAGES, seed=0)
+            loader = TensorLoader(data, 256, train=False, device=self.device)
+            trained_student = self.job({"method": ALONE}, self.settings.seeds[0]).model
+            self._lsp_grams = (layer_grams(self.teacher.model, loader), layer_grams(trained_student, loader))
+        return self._lsp_grams
+
     def lsp_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """LSP's tables (the paper's Table 3) of the teacher and of the student trained alone (first seed),
-        scored over the teacher's training images in order, without augmentation."""
-        loader = TensorLoader(self.full_train, 256, train=False, device=self.device)
-        trained_student = self.job({"method": ALONE}, self.settings.seeds[0]).model
-        return lsp_table(layer_grams(self.teacher.model, loader)), lsp_table(layer_grams(trained_student, loader))
+        """LSP's tables (the paper's Table 3) of the teacher and of the student (:meth:`lsp_grams`)."""
+        teacher_grams, student_grams = self.lsp_grams()
+        return lsp_table(teacher_grams), lsp_table(student_grams)
 
     def lsp_bindings(self, count: int = 3) -> list[Binding]:
         """The ``count`` bindings LSP selects: the lowest-scoring layers of each network, in forward order."""
