@@ -295,7 +295,7 @@ def test_verdicts_follow_known_differences() -> None:
     comparison = compare(runs, "alone")
     assert comparison.verdict("helps") == "better"
     assert comparison.verdict("hurts") == "worse"
-    assert comparison.verdict("same") == "no difference"
+    assert comparison.verdict("same") == "inconclusive"
     assert comparison.table.loc["helps", "ci_low"] > 0 > comparison.table.loc["hurts", "ci_high"]
     # pairing removes the shared seed-to-seed variation: the interval is far narrower than the std
     assert (

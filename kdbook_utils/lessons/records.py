@@ -27,7 +27,9 @@ from IPython.display import Markdown, display
 
 from kdbook_utils.checkpoints import cache_dir
 from kdbook_utils.data import preset_data
+from kdbook_utils.errors import Seen, closest, must_be
 from kdbook_utils.experiments import (
+    check_results_folder,
     compare,
     git_commit,
     machine_description,
@@ -36,7 +38,7 @@ from kdbook_utils.experiments import (
     write_results,
 )
 from kdbook_utils.lessons import RESULTS, crosslayer, hinton, lsl, mskd, settings_hash
-from kdbook_utils.presets import Preset, active_preset, get_preset
+from kdbook_utils.presets import PRESETS, Preset, active_preset, get_preset
 from kdbook_utils.train import DeviceLike, autocast_dtype, resolve_device
 
 
@@ -67,9 +69,37 @@ LESSONS: dict[str, LessonEntry] = {
 
 
 def lesson_entry(name: str) -> LessonEntry:
+    """The lesson called ``name``; an unknown name is refused with the lessons there are."""
+    if not isinstance(name, str):
+        raise TypeError(must_be("The lesson", f"a lesson's name, one of {', '.join(LESSONS)}",
+                                Seen(f"a {type(name).__name__}"), "Pass e.g. 'hinton'."))  # fmt: skip
     if name not in LESSONS:
-        raise ValueError(f"Unknown lesson {name!r}; the lessons are {', '.join(LESSONS)}.")
+        raise ValueError(must_be("The lesson", f"one of {', '.join(LESSONS)}", name,
+                                 f"Unknown lesson.{closest(name, LESSONS)}"))  # fmt: skip
     return LESSONS[name]
+
+
+def lesson_settings(entry: LessonEntry, preset: str | Preset, settings: Any = None) -> Any:
+    """The settings ``entry``'s lesson runs with under ``preset``: ``settings`` if given (checked to be the
+    lesson's kind), else the lesson's own for the preset's name; a name the lesson has no settings for is
+    refused with the names it has (a preset renamed with ``replace(name=...)`` needs ``settings=``)."""
+    kind = type(next(iter(entry.settings.values())))
+    if settings is not None:
+        if not isinstance(settings, kind):
+            raise TypeError(must_be(f"The settings of lesson {entry.name!r}", f"a {kind.__name__}",
+                                    Seen(f"a {type(settings).__name__}"),
+                                    f"Start from the lesson's own: SETTINGS['lab'] of kdbook_utils.lessons."
+                                    f"{entry.name}, changed with dataclasses.replace(...)."))  # fmt: skip
+        return settings
+    name = preset.name if isinstance(preset, Preset) else preset
+    if name not in entry.settings:
+        renamed = " (a preset renamed with replace(name=...) keeps no lesson settings)" if isinstance(preset, Preset) \
+            and name not in PRESETS else ""  # fmt: skip
+        raise ValueError(must_be(f"The preset of lesson {entry.name!r}", f"one it has settings for: "
+                                 f"{', '.join(entry.settings)}", Seen(f"{name!r}{renamed}"),
+                                 "Use one of those names, or pass settings= (e.g. the lesson's SETTINGS['lab'])."
+                                 f"{closest(name, entry.settings)}"))  # fmt: skip
+    return entry.settings[name]
 
 
 def results_path(lesson: str, preset: str = "lab", folder: Path | None = None) -> Path:
@@ -114,8 +144,12 @@ def record(
 ) -> Path:
     """Run ``lesson``'s experiment with ``preset`` and write its results file with provenance."""
     entry = lesson_entry(lesson)
+    if not isinstance(preset, (str, Preset)):
+        raise TypeError(must_be("record's preset", "a preset or its name", Seen(f"a {type(preset).__name__}"),
+                                "Pass e.g. 'lab' or get_preset('lab')."))  # fmt: skip
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    settings = settings or entry.settings[preset.name]
+    settings = lesson_settings(entry, preset, settings)
+    check_results_folder(results_path(lesson, preset.name, folder).parent)  # before hours of training
     models = cache_dir() / "models"
     cached_before = set(models.glob("*.pt"))
     with active_preset(preset):  # fit's device and precision rules follow the preset recorded
@@ -138,8 +172,8 @@ def check_recorded(lesson: str, preset: str = "lab", folder: Path | None = None)
     """The recorded runs and provenance of ``lesson``, refusing a file that is missing, malformed, or
     made with other settings (of the lesson or the preset) than the ones the lesson would run now."""
     entry = lesson_entry(lesson)
+    current = lesson_settings(entry, preset)
     runs, provenance = read_results(results_path(lesson, preset, folder))
-    current = entry.settings[preset]
     problems = []
     if provenance.get("settings_hash") != settings_hash(current):
         problems.append(f"the lesson's settings changed (recorded {provenance.get('settings')}, now "
@@ -163,14 +197,16 @@ def recorded_comparison(lesson: str, baseline: str | None = None, *, preset: str
     (the final comparison by default) on the test split (the same :func:`~kdbook_utils.experiments.compare`
     as the live run)."""
     entry = lesson_entry(lesson)
+    lesson_settings(entry, preset)  # a wrong preset is the caller's error, not a missing file
     try:
         runs, provenance = check_recorded(lesson, preset, folder)
     except (FileNotFoundError, ValueError) as error:
         display(Markdown(f"*No usable recorded `{preset}` results for this lesson: {error}*"))
         return
     if stage not in set(runs["stage"]):
+        stages = list(dict.fromkeys(runs["stage"]))
         raise ValueError(f"The recorded {lesson} results have no stage {stage!r}; they have "
-                         f"{sorted(set(runs['stage']))}.")  # fmt: skip
+                         f"{sorted(set(runs['stage']))}.{closest(stage, stages)}")  # fmt: skip
     chosen = runs[runs["stage"] == stage]
     methods = entry.headline(runs) if stage == "final" else list(dict.fromkeys(chosen["method"]))
     comparison = compare(chosen, baseline or entry.baseline, split="test", output=output, methods=methods)
