@@ -100,7 +100,9 @@ def cache_dir() -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except PermissionError as error:
-        raise PermissionError(must_be(where, "a folder you can write", _Seen(repr(str(directory))), fix)) from error
+        raise PermissionError(
+            must_be(where, "a folder you can write", _Seen(repr(str(directory))), fix)
+        ) from error
     return directory
 
 

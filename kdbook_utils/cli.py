@@ -235,7 +235,9 @@ def _convert(value: Any, hint: Any, name: str, assignment: str, current: Any) ->
     if value is None:
         if optional:
             return None
-        raise UsageError(f"--set {assignment}: {name} cannot be None; give a value like its current {current!r}.")
+        raise UsageError(
+            f"--set {assignment}: {name} cannot be None; give a value like its current {current!r}."
+        )
     if typing.get_origin(kind) is tuple:
         item_kind = typing.get_args(kind)[0]
         if isinstance(value, str):  # bare words: --set students=cnn-1x8,cnn-2x8
@@ -244,7 +246,9 @@ def _convert(value: Any, hint: Any, name: str, assignment: str, current: Any) ->
         if not items:
             raise UsageError(f"--set {assignment}: {name} needs at least one value, e.g. --set {name}="
                              f"{','.join(map(str, current[:2]))}")  # fmt: skip
-        return tuple(_convert(item, item_kind, name, assignment, current[0] if current else item) for item in items)
+        return tuple(
+            _convert(item, item_kind, name, assignment, current[0] if current else item) for item in items
+        )
     if kind is bool:
         if not isinstance(value, bool):
             raise UsageError(f"--set {assignment}: {name} is {current!r}; give True or False.")
@@ -308,7 +312,7 @@ def _choices(lesson: str, name: str) -> Sequence[str] | None:
     return {"reduction": REDUCTIONS, "heads": HEAD_STYLES}.get(name)
 
 
-def _check_setting(lesson: str, name: str, value: Any, assignment: str) -> None:
+def _check_setting(lesson: str, name: str, value: Any, assignment: str, current: Any) -> None:
     """Refuse a value the lesson cannot run with (an unknown name, a count below one, a negative seed, a
     learning rate or temperature that is not positive, a negative loss weight) before anything trains."""
     items = value if isinstance(value, tuple) else (value,)
@@ -331,12 +335,15 @@ def _check_setting(lesson: str, name: str, value: Any, assignment: str) -> None:
             else:
                 rule, ok = "a number above 0", item > 0
             if not ok:
-                raise UsageError(f"--set {assignment}: {name} must be {rule}; got {item!r}.")
+                raise UsageError(f"--set {assignment}: {name} must be {rule}; got {item!r}. The lesson's own value "
+                                 f"is {current!r}.")  # fmt: skip
     if lesson == "hinton" and "alpha" in name and any(not 0 <= item <= 1 for item in items):
         raise UsageError(f"--set {assignment}: alpha weighs the hard-label term of Hinton KD and lies in [0, 1]; "
                          f"got {value!r}. Use e.g. --set {name}=0.1,0.5.")  # fmt: skip
     if "seeds" in name and len(set(items)) != len(items):
-        raise UsageError(f"--set {assignment}: {name} repeats a seed; give each seed once, e.g. --set {name}=0,1,2.")
+        raise UsageError(
+            f"--set {assignment}: {name} repeats a seed; give each seed once, e.g. --set {name}=0,1,2."
+        )
 
 
 def _apply_overrides(lesson: str, settings: Any, assignments: Sequence[str]) -> Any:
@@ -351,8 +358,10 @@ def _apply_overrides(lesson: str, settings: Any, assignments: Sequence[str]) -> 
             if isinstance(value, tuple):
                 value = changes[name] + value
             elif value != changes[name]:
-                raise UsageError(f"--set {given[name]} and --set {assignment} give {name} two values; keep one.")
-        _check_setting(lesson, name, value, assignment)
+                raise UsageError(
+                    f"--set {given[name]} and --set {assignment} give {name} two values; keep one."
+                )
+        _check_setting(lesson, name, value, assignment, getattr(settings, name))
         changes[name], given[name] = value, assignment
     return dataclasses.replace(settings, **changes)
 
@@ -361,7 +370,13 @@ def _stray_set_values(argv: Sequence[str], extra: Sequence[str]) -> str | None:
     """The message for words argparse could not place that follow a ``--set FIELD=VALUE`` (``--set
     temperatures=4 8``: a value with several items written with spaces), or None."""
     for index, token in enumerate(argv):
-        value = argv[index + 1] if token == "--set" and index + 1 < len(argv) else token[6:] if token.startswith("--set=") else None
+        value = (
+            argv[index + 1]
+            if token == "--set" and index + 1 < len(argv)
+            else token[6:]
+            if token.startswith("--set=")
+            else None
+        )
         if value is None:
             continue
         after = index + (2 if token == "--set" else 1)

@@ -590,10 +590,16 @@ def _load_cifar_pickle(release: _CifarFormat, path: Path, keys: Sequence[str]) -
         try:
             entry = pickle.load(handle, encoding="latin1")
         except Exception as error:  # unpickling junk raises many types; all mean the same: a damaged file
-            raise DamagedDataError(_damaged_cifar_message(release, path, _what_it_is(path, head, error))) from error
+            raise DamagedDataError(
+                _damaged_cifar_message(release, path, _what_it_is(path, head, error))
+            ) from error
     missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
     if missing:
-        seen = f"a dict with the keys {sorted(entry)[:6]}" if isinstance(entry, dict) else f"a {type(entry).__name__}"
+        seen = (
+            f"a dict with the keys {sorted(entry)[:6]}"
+            if isinstance(entry, dict)
+            else f"a {type(entry).__name__}"
+        )
         raise DamagedDataError(_damaged_cifar_message(
             release, path, f"it unpickles to {seen}, without {', '.join(repr(key) for key in missing)}"))  # fmt: skip
     return entry

@@ -229,7 +229,7 @@ def _check_teacher_call(
 ) -> tuple[ImageDataset, ImageDataset]:
     """Refuse a wrong argument of :func:`cached_teacher` before any work, naming the value and the fix."""
     if not isinstance(arch, str):
-        seen = Seen(f"a {type(arch).__name__}" + (" (a model)" if isinstance(arch, nn.Module) else ""))
+        seen = Seen(_kind(arch))
         raise TypeError(must_be("cached_teacher's arch", "a model name such as 'resnet8'", seen,
                                 "cached_teacher builds and trains the model itself; list_models() lists the "
                                 "names. To train a model you built, use fit(model, loader, epochs=...)."))  # fmt: skip
@@ -245,6 +245,13 @@ def _check_teacher_call(
     return train, val
 
 
+def _kind(value: Any) -> str:
+    """``"a model (resnet8)"`` for a zoo model, ``"a HintonKD"`` for another module, ``"a float"``..."""
+    if isinstance(value, nn.Module) and getattr(value, "arch", None):
+        return f"a model ({value.arch})"
+    return f"a {type(value).__name__}"
+
+
 def train_and_val(data: Any, where: str) -> tuple[ImageDataset, ImageDataset]:
     """``(train, val)`` of ``data`` (the preset's :class:`~kdbook_utils.data.DataSplits`, or a pair of
     :class:`~kdbook_utils.data.ImageDataset`); anything else is refused with the fix."""
@@ -252,13 +259,17 @@ def train_and_val(data: Any, where: str) -> tuple[ImageDataset, ImageDataset]:
     fix = "Pass the splits: splits = preset_data(PRESET), then " + f"{where}(..., splits, ...)."
     if isinstance(data, ImageDataset):
         seen = Seen(f"one ImageDataset ({data.name!r} {data.split} split, {len(data)} images)")
-        raise TypeError(must_be(f"{where}'s data", rule, seen, f"A teacher is validated on held-out images. {fix}"))
+        raise TypeError(
+            must_be(f"{where}'s data", rule, seen, f"A teacher is validated on held-out images. {fix}")
+        )
     if isinstance(data, str):
         raise TypeError(must_be(f"{where}'s data", rule, data, f"A preset's name is not its data. {fix}"))
     if not isinstance(data, (tuple, list)) or len(data) < 2 or not all(isinstance(part, ImageDataset)
                                                                         for part in data[:2]):  # fmt: skip
         kinds = ", ".join(type(part).__name__ for part in data) if isinstance(data, (tuple, list)) else ""
-        seen = Seen(f"a {type(data).__name__}" + (f" of ({kinds})" if isinstance(data, (tuple, list)) else ""))
+        seen = Seen(
+            f"a {type(data).__name__}" + (f" of ({kinds})" if isinstance(data, (tuple, list)) else "")
+        )
         raise TypeError(must_be(f"{where}'s data", rule, seen, fix))
     train, val = data[0], data[1]
     if train.num_classes != val.num_classes or train.image_shape != val.image_shape:
@@ -482,7 +493,9 @@ class TeacherOutputCache:
         self.hits = 0
         self.misses = 0
         self.dropped = 0  # entries dropped because their teacher's weights changed
-        self._fingerprints: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+        self._fingerprints: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._stores: dict[tuple, _ImageStore] = {}
         self._batches: dict[tuple, _BatchEntry] = {}
         self._warned = False
@@ -778,14 +791,16 @@ def _check_student_call(
 ) -> None:  # fmt: skip
     """Refuse a wrong argument of :func:`train_student` before any work, naming the value and the fix."""
     if isinstance(build_student, nn.Module) or not callable(build_student):
-        what = " (a model: every seed would go on training the same one)" if isinstance(build_student, nn.Module) else ""
+        what = (
+            ": every seed would go on training the same one" if isinstance(build_student, nn.Module) else ""
+        )
         raise TypeError(must_be("train_student's build_student", "a function that makes a fresh student",
-                                Seen(f"a {type(build_student).__name__}{what}"),
+                                Seen(f"{_kind(build_student)}{what}"),
                                 "Pass e.g. lambda: create_model('resnet8', 10)."))  # fmt: skip
     if method is not None and (isinstance(method, nn.Module) or not callable(method)):
         what = " (a method already built around one student)" if isinstance(method, nn.Module) else ""
         raise TypeError(must_be("train_student's method", "None (cross-entropy alone) or a function "
-                                "student -> method", Seen(f"a {type(method).__name__}{what}"),
+                                "student -> method", Seen(f"{_kind(method)}{what}"),
                                 "Pass e.g. lambda student: HintonKD(student, teacher)."))  # fmt: skip
     _check_splits(data, "train_student")
     check_int("train_student's seed", seed, minimum=0, fix="Use e.g. 0; run_seeds runs several.")
@@ -795,8 +810,10 @@ def _check_student_call(
     if cache is not None and not isinstance(cache, TeacherOutputCache):
         raise TypeError(must_be("train_student's cache", "None or a TeacherOutputCache",
                                 Seen(f"a {type(cache).__name__}"), "Pass cache=TeacherOutputCache()."))  # fmt: skip
-    if isinstance(splits, str) or not isinstance(splits, Sequence) or any(
-        split not in SPLIT_NAMES for split in splits
+    if (
+        isinstance(splits, str)
+        or not isinstance(splits, Sequence)
+        or any(split not in SPLIT_NAMES for split in splits)
     ):
         raise (ValueError if isinstance(splits, Sequence) and not isinstance(splits, str) else TypeError)(
             must_be("train_student's splits", "a tuple of split names from 'train', 'val', 'test'", splits,
@@ -845,7 +862,9 @@ def _check_run_seeds_call(methods: Any, seeds: Any, keep: Any) -> list[int]:
                                 Seen(f"a {type(methods).__name__}"), "Pass e.g. {'student alone': lambda seed: "
                                 "train_student(build, None, splits, seed=seed, epochs=8)}."))  # fmt: skip
     if not methods:
-        raise ValueError(must_be("run_seeds' methods", "a non-empty dict", methods, "Give at least one method."))
+        raise ValueError(
+            must_be("run_seeds' methods", "a non-empty dict", methods, "Give at least one method.")
+        )
     wrong = [name for name, run in methods.items() if not callable(run) or isinstance(run, StudentRun)]
     if wrong:
         raise TypeError(must_be(f"run_seeds' method {wrong[0]!r}", "a function seed -> StudentRun",
@@ -853,11 +872,17 @@ def _check_run_seeds_call(methods: Any, seeds: Any, keep: Any) -> list[int]:
                                 "train_student(..., seed=seed), so that each seed trains its own run."))  # fmt: skip
     rule = "a sequence of seeds (non-negative integers)"
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (Sequence, range)):
-        fix = f"Use e.g. seeds=(0, 1, 2) or seeds=range({seeds})." if isinstance(seeds, int) else "Use e.g. (0, 1, 2)."
+        fix = (
+            f"Use e.g. seeds=(0, 1, 2) or seeds=range({seeds})."
+            if isinstance(seeds, int)
+            else "Use e.g. (0, 1, 2)."
+        )
         raise TypeError(must_be("run_seeds' seeds", rule, seeds, fix))
     if len(seeds) == 0:
         raise ValueError(must_be("run_seeds' seeds", "at least one seed", seeds, "Use e.g. seeds=(0, 1, 2)."))
-    checked = [check_int("each of run_seeds' seeds", seed, minimum=0, fix="Use e.g. (0, 1, 2).") for seed in seeds]
+    checked = [
+        check_int("each of run_seeds' seeds", seed, minimum=0, fix="Use e.g. (0, 1, 2).") for seed in seeds
+    ]
     repeated = sorted({seed for seed in checked if checked.count(seed) > 1})
     if repeated:
         raise ValueError(must_be("run_seeds' seeds", "distinct (each seed once)", seeds,
@@ -924,18 +949,19 @@ class Comparison:
         )
 
 
-def _check_runs_table(runs: Any, where: str, columns: Sequence[str]) -> None:
+def _check_runs_table(runs: Any, function: str, columns: Sequence[str]) -> None:
     """``runs`` must be a non-empty table (a DataFrame) with ``columns``."""
+    where = f"{function}'" if function.endswith("s") else f"{function}'s"
     if not isinstance(runs, pd.DataFrame):
-        raise TypeError(must_be(f"{where}'s runs", "a table of runs (a pandas DataFrame, as run_seeds makes)",
+        raise TypeError(must_be(f"{where} runs", "a table of runs (a pandas DataFrame, as run_seeds makes)",
                                 Seen(f"a {type(runs).__name__}"), "Pass the table run_seeds (or a lesson) returned."))  # fmt: skip
     if runs.empty:
-        raise ValueError(must_be(f"{where}'s runs", "a table with at least one run",
+        raise ValueError(must_be(f"{where} runs", "a table with at least one run",
                                  Seen(f"an empty table (columns {list(runs.columns)})"),
                                  "Run the experiment first (run_seeds, or the lesson's sweep), then pass its table."))  # fmt: skip
     missing = [column for column in columns if column not in runs.columns]
     if missing:
-        raise ValueError(must_be(f"{where}'s runs", f"a table with the columns {list(columns)}",
+        raise ValueError(must_be(f"{where} runs", f"a table with the columns {list(columns)}",
                                  Seen(f"a table without {missing} (it has {list(runs.columns)})"),
                                  "Pass the table run_seeds returned, or name the columns to use."))  # fmt: skip
 
@@ -985,7 +1011,9 @@ def _check_compare_call(runs: Any, by: str, metric: str, confidence: Any, method
         raise ValueError(must_be("compare's confidence", "a fraction between 0 and 1", confidence,
                                  "Use e.g. 0.95 for a 95 % interval."))  # fmt: skip
     if isinstance(methods, str):
-        raise TypeError(must_be("compare's methods", "a list of method names", methods, f"Use [{methods!r}]."))
+        raise TypeError(
+            must_be("compare's methods", "a list of method names", methods, f"Use [{methods!r}].")
+        )
 
 
 def _refuse_what_cannot_be_judged(
@@ -1026,7 +1054,9 @@ def _refuse_what_cannot_be_judged(
     for name in names:
         mine = set(chosen.loc[chosen[by] == name, "seed"])
         if name != baseline and not mine & base_seeds:
-            seen = Seen(f"no seed in common: {name!r} ran seeds {sorted(mine)}, {baseline!r} ran {sorted(base_seeds)}")
+            seen = Seen(
+                f"no seed in common: {name!r} ran seeds {sorted(mine)}, {baseline!r} ran {sorted(base_seeds)}"
+            )
             raise ValueError(must_be(f"compare's runs of {name!r} and of the baseline", "paired by seed", seen,
                                      "Run both with the same seeds, e.g. run_seeds({...}, seeds=(0, 1, 2))."))  # fmt: skip
 
@@ -1068,6 +1098,9 @@ def compare(
         raise ValueError(
             f"No runs for split {split!r}; the runs have splits {sorted(runs.get('split', pd.Series()).unique())}."
         )
+    table = table.reset_index(
+        drop=True
+    )  # rows are told apart by position (a concatenated table repeats labels)
     names = list(methods) if methods is not None else list(dict.fromkeys(table[by]))
     if baseline not in names:
         names.insert(0, baseline)
@@ -1181,7 +1214,9 @@ def check_results_folder(folder: str | os.PathLike) -> Path:
     blocking = next((part for part in (folder, *folder.parents) if part.exists()), None)
     if blocking is not None and not blocking.is_dir():
         where = "a file" if blocking == folder else f"inside {blocking}, which is a file"
-        raise NotADirectoryError(must_be("The results folder", "a folder", Seen(f"{str(folder)!r} ({where})"), fix))
+        raise NotADirectoryError(
+            must_be("The results folder", "a folder", Seen(f"{str(folder)!r} ({where})"), fix)
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
@@ -1277,6 +1312,7 @@ def read_results(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     _check_table_text(table_path, data, provenance, regenerate)
     runs = pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=[""], dtype={"failed": str})
     _check_table_values(table_path, runs, regenerate)
+    _check_table_bytes(table_path, data, provenance, regenerate)
     runs["failed"] = runs["failed"].fillna("").astype(str)
     runs["seed"] = runs["seed"].astype(int)
     return runs, provenance
@@ -1297,8 +1333,8 @@ def _check_table_text(table_path: Path, data: bytes, provenance: dict[str, Any],
     lines = list(csv.reader(io.StringIO(text, newline="")))
     header = lines[0]
     if len(header) == 1 and any(mark in header[0] for mark in (";", "\t")):
-        mark = ";" if ";" in header[0] else "a tab"
-        raise refuse(f"is separated by {mark!s}, not by commas (a spreadsheet re-saved it?): its header is "
+        mark = "';'" if ";" in header[0] else "tabs"
+        raise refuse(f"is separated by {mark}, not by commas (a spreadsheet re-saved it?): its header is "
                      f"{header[0][:60]!r}", f"{regenerate} Or save it from the spreadsheet as comma-separated CSV "
                      "with '.' as the decimal point.")  # fmt: skip
     unnamed = [index for index, name in enumerate(header) if not name.strip()]
@@ -1328,9 +1364,18 @@ def _check_table_text(table_path: Path, data: bytes, provenance: dict[str, Any],
         rows = described.get("rows")
         if rows is not None and rows != len(lines) - 1:
             raise refuse(f"has {len(lines) - 1} rows, but its provenance recorded {rows}")
-        if described.get("sha256") not in (None, hashlib.sha256(data).hexdigest()):
-            raise refuse("does not match its provenance (the SHA-256 of its bytes differs): it was edited, or a "
-                         "write was interrupted between the table and its .json")  # fmt: skip
+
+
+def _check_table_bytes(table_path: Path, data: bytes, provenance: dict[str, Any], regenerate: str) -> None:
+    """Last, after the checks that say what is wrong: the bytes must be those its provenance describes."""
+    described = provenance.get(TABLE_KEY)
+    if isinstance(described, dict) and described.get("sha256") not in (
+        None,
+        hashlib.sha256(data).hexdigest(),
+    ):
+        raise ResultsFileError(f"{table_path} does not match its provenance (the SHA-256 of its bytes differs): it "
+                               "was edited, or a write was interrupted between the table and its .json. "
+                               f"{regenerate}")  # fmt: skip
 
 
 def _check_table_values(table_path: Path, runs: pd.DataFrame, regenerate: str) -> None:

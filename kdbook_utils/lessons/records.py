@@ -74,8 +74,9 @@ def lesson_entry(name: str) -> LessonEntry:
         raise TypeError(must_be("The lesson", f"a lesson's name, one of {', '.join(LESSONS)}",
                                 Seen(f"a {type(name).__name__}"), "Pass e.g. 'hinton'."))  # fmt: skip
     if name not in LESSONS:
-        raise ValueError(must_be("The lesson", f"one of {', '.join(LESSONS)}", name,
-                                 f"Unknown lesson.{closest(name, LESSONS)}"))  # fmt: skip
+        raise ValueError(
+            must_be("The lesson", f"one of {', '.join(LESSONS)}", name, closest(name, LESSONS).strip())
+        )
     return LESSONS[name]
 
 
