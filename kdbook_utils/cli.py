@@ -16,7 +16,12 @@ or the stages named with ``--stage``), then writes ``<out>/<preset>/<lesson>.csv
 split and output) and ``<lesson>.json`` (the provenance) and prints the comparison. ``show`` prints the
 comparison of results files written by ``run`` or ``record``.
 
-Every bad argument is an error that names what was given and how to fix it (exit status 2).
+Every bad argument is an error that names what was given and how to fix it (exit status 2), and every
+argument is checked before anything trains: the output folder can be written, the data are there, each
+``--set FIELD=VALUE`` parses to the field's type (several values without spaces: ``--set
+temperatures=4,8``, or ``--set`` repeated) and names only what the lesson can build. Without
+``--preset``, ``run`` takes the preset from ``$KDBOOK_PRESET`` (as a notebook does); ``record``, which
+writes into the package, asks for ``--preset`` when ``$KDBOOK_PRESET`` names another preset than lab.
 """
 
 from __future__ import annotations

@@ -1204,26 +1204,23 @@ class ResultsFileError(ValueError):
 
 
 def check_results_folder(folder: str | os.PathLike) -> Path:
-    """``folder`` (created if missing) when results files can be written there, else a clear error.
+    """``folder`` when results files can be written there (it may not exist yet), else a clear error.
 
     Called before an experiment runs, so that a wrong output path is refused in a second instead of after
     hours of training: ``NotADirectoryError`` when the path (or a folder above it) is a file,
-    ``PermissionError`` when the folder cannot be written."""
+    ``PermissionError`` when it (or the folder it would be made in) cannot be written. Nothing is created."""
     folder = Path(folder).expanduser()
     fix = "Choose a folder you can write, e.g. results/."
-    blocking = next((part for part in (folder, *folder.parents) if part.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        where = "a file" if blocking == folder else f"inside {blocking}, which is a file"
+    existing = next(part for part in (folder, *folder.parents) if part.exists())
+    if not existing.is_dir():
+        where = "a file" if existing == folder else f"inside {existing}, which is a file"
         raise NotADirectoryError(
             must_be("The results folder", "a folder", Seen(f"{str(folder)!r} ({where})"), fix)
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except PermissionError as error:
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f", inside {existing}"
         raise PermissionError(must_be("The results folder", "a folder you can write",
-                                      Seen(f"{str(folder)!r} ({error.strerror})"), fix)) from error  # fmt: skip
+                                      Seen(f"{str(folder)!r} (read-only{where})"), fix))  # fmt: skip
     return folder
 
 
@@ -1266,7 +1263,7 @@ def write_results(runs: pd.DataFrame, path: Path, provenance: Mapping[str, Any])
     if not distributed.is_main_process():
         distributed.barrier()
         return table_path, meta_path
-    check_results_folder(path.parent)
+    check_results_folder(path.parent).mkdir(parents=True, exist_ok=True)
     table = runs.to_csv(index=False, lineterminator="\n").encode()
     described = {**dict(provenance), TABLE_KEY: {"rows": len(runs), "columns": [str(c) for c in runs.columns],
                                                  "sha256": hashlib.sha256(table).hexdigest()}}  # fmt: skip

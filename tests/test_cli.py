@@ -160,7 +160,7 @@ def test_bad_arguments_are_refused_before_anything_trains(
 ) -> None:
     cache = tmp_path / "cache"
     monkeypatch.setenv("KDBOOK_CACHE", str(cache))
-    a_file = tmp_path / "results"
+    a_file = tmp_path / "results.txt"
     a_file.write_text("")
     started = time.perf_counter()
     for argv in (["--out", str(a_file)], ["--set", "student=cnn-4x32"], ["--set", "temperatures=4", "8"],
@@ -169,6 +169,10 @@ def test_bad_arguments_are_refused_before_anything_trains(
         assert status == 2 and out == "" and "error:" in err, argv
     assert not list(cache.rglob("*.pt")), "no model was trained"
     assert time.perf_counter() - started < 30
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    status, _, _ = run_cli("run", "hinton", "--preset", "lab", "--data", "empty", capsys=capsys)
+    assert status == 2 and not (tmp_path / "results").exists(), "a refused run leaves no folder behind"
 
 
 @pytest.mark.parametrize("lesson", list(LESSONS))

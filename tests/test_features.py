@@ -70,8 +70,13 @@ def test_gradients_flow_unless_detached(images: torch.Tensor) -> None:
     features["stage2"].pow(2).mean().backward()
     assert model.stem.conv.weight.grad is not None and model.stem.conv.weight.grad.abs().sum() > 0
     assert model.stage3.get_submodule("0.conv1").weight.grad is None  # after stage2: no gradient
-    with FeatureExtractor(model, ["stage2"], detach=True) as extractor:
-        logits, features = extractor.forward_with_features(images)
+    with (
+        FeatureExtractor(model, ["stage2"], detach=True) as extractor,
+        pytest.warns(TrainingModeFeaturesWarning),
+    ):
+        logits, features = extractor.forward_with_features(
+            images
+        )  # read-only features of a training-mode model
     assert not features["stage2"].requires_grad
     assert logits.requires_grad  # detaching the features leaves the model's output alone
 
