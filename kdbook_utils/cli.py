@@ -448,7 +448,7 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     settings = _apply_overrides(lesson, settings, args.overrides)
     stages = _stages(lesson, args.stage)
     root = _data_root(args.data, preset)
-    _results_folder(args.out, preset)
+    _results_folder(lesson, args.out, preset)
     spread = distributed.launched_by_torchrun()
     if args.ray and spread:
         raise UsageError("--ray and torchrun do not mix: torchrun splits one run over processes, Ray spreads many "
@@ -513,9 +513,9 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _results_folder(out: Path | None, preset: Preset) -> None:
+def _results_folder(lesson: str, out: Path | None, preset: Preset) -> None:
     """Refuse an output folder that cannot be written before anything trains."""
-    folder = results_path("lesson", preset.name, out).parent
+    folder = results_path(lesson, preset.name, out).parent
     try:
         check_results_folder(folder)
     except OSError as error:  # NotADirectoryError, PermissionError
@@ -529,7 +529,7 @@ def command_record(args: argparse.Namespace) -> int:
     preset = _preset(name, lesson, source)
     root = _data_root(args.data, preset)
     device = _device(args.device, preset)
-    _results_folder(None, preset)
+    _results_folder(lesson, None, preset)
     progress = not args.quiet and sys.stderr.isatty()
     try:
         table_path = record(lesson, preset, root=root, device=device, progress=progress)

@@ -33,6 +33,7 @@ import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 
 from kdbook_utils import distributed
 from kdbook_utils.checkpoints import cache_dir
+from kdbook_utils.errors import Seen, must_be
 from kdbook_utils.presets import DATA_ROOT_ENV_VAR, Preset
 from kdbook_utils.train import resolve_device
 
@@ -379,6 +381,10 @@ def preset_data(preset: Preset, root: str | os.PathLike | None = None, download:
     says so; ``test`` is the test split, cut to ``preset.test_subset``. Subsets are drawn with seed 0, so
     every training seed of a lesson sees the same images.
     """
+    if not isinstance(preset, Preset):
+        name = f"get_preset({preset!r})" if isinstance(preset, str) else "get_preset('quick')"
+        raise TypeError(must_be("preset_data's preset", "a Preset", preset if isinstance(preset, str) else
+                                Seen(f"a {type(preset).__name__}"), f"Pass the preset itself: preset_data({name})."))  # fmt: skip
     full = load_dataset(preset.dataset, "train", root, download)
     if preset.val_size:
         train, val = full.holdout(preset.val_size, seed=VALIDATION_SEED)
@@ -807,9 +813,22 @@ def _load_imagenet64(split: str, root: Path) -> ImageDataset:
 
     images, labels = [], []
     for path in found.values():
-        with np.load(path) as archive:  # allow_pickle stays False: npz arrays only
-            data = archive["data"]
-            file_labels = np.asarray(archive["labels"], dtype=np.int64).reshape(-1)
+        try:
+            with np.load(path) as archive:  # allow_pickle stays False: npz arrays only
+                data = archive["data"]
+                file_labels = np.asarray(archive["labels"], dtype=np.int64).reshape(-1)
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            EOFError,
+            zipfile.BadZipFile,
+        ) as error:  # a cut or foreign file
+            raise DamagedDataError(
+                f"{path} is damaged: it does not read as an npz file with 'data' and 'labels' ({error}). Delete "
+                "it and download it again from https://image-net.org/download-images (a cut download is the usual "
+                "cause)."
+            ) from error
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * _IMAGENET64_SIDE**2:
             raise ValueError(
                 f"{path}: 'data' should be uint8 of shape (N, {3 * _IMAGENET64_SIDE**2}) (R, G, B planes of "

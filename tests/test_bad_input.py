@@ -37,7 +37,14 @@ from kdbook_utils.checkpoints import (
     load_or_train,
     save_checkpoint,
 )
-from kdbook_utils.data import DamagedDataError, DatasetNotFoundError, DataSplits, TensorLoader, load_dataset
+from kdbook_utils.data import (
+    DamagedDataError,
+    DatasetNotFoundError,
+    DataSplits,
+    TensorLoader,
+    load_dataset,
+    preset_data,
+)
 from kdbook_utils.errors import TrainingLoaderWarning, warn_if_training_loader
 from kdbook_utils.experiments import (
     ResultsFileError,
@@ -246,6 +253,13 @@ def cifar_folder(folder: Path, first: bytes) -> Path:
 def half_a_pickle() -> bytes:
     whole = pickle.dumps({"data": np.zeros((20, 3072), np.uint8), "labels": [0] * 20}, protocol=2)
     return whole[: len(whole) // 2]
+
+
+def half_an_npz(folder: Path) -> Path:
+    path = folder / "val_data.npz"
+    np.savez(path, data=np.zeros((4, 3 * 64 * 64), np.uint8), labels=np.ones(4))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return folder
 
 
 def only_the_archive(folder: Path) -> Path:
@@ -632,6 +646,15 @@ CASES: dict[str, Case] = {
         DatasetNotFoundError,
         "cifar-10-batches-py is torchvision's cifar-10-batches-py/ folder itself",
         "Pass its parent",
+    ),
+    "ImageNet 64x64: an npz file cut in half": Case(
+        lambda tmp: load_dataset("imagenet64", "test", half_an_npz(tmp)),
+        DamagedDataError,
+        "val_data.npz is damaged",
+        "download it again",
+    ),
+    "preset_data: a preset's name instead of the preset": Case(
+        lambda _: preset_data("lab"), TypeError, "got 'lab'", "preset_data(get_preset('lab'))"
     ),
     "image folder: an image file that does not decode": Case(
         lambda tmp: load_dataset("cifar10", "test", broken_jpeg_tree(tmp)),

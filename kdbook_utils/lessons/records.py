@@ -105,7 +105,12 @@ def lesson_settings(entry: LessonEntry, preset: str | Preset, settings: Any = No
 
 def results_path(lesson: str, preset: str = "lab", folder: Path | None = None) -> Path:
     """Where a lesson's recorded results live (without the suffix: ``.csv`` and ``.json``)."""
-    return (folder or RESULTS) / preset / lesson
+    if not isinstance(preset, str):
+        shown = (
+            f"a Preset named {preset.name!r}" if isinstance(preset, Preset) else f"a {type(preset).__name__}"
+        )
+        raise TypeError(must_be("results_path's preset", "a preset's name", Seen(shown), "Pass preset.name."))
+    return (folder or RESULTS) / preset / lesson_entry(lesson).name
 
 
 def preset_hash(preset: Preset) -> str:
