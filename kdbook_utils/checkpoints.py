@@ -92,7 +92,18 @@ def cache_dir() -> Path:
     """The cache directory, ``$KDBOOK_CACHE`` or else ``~/.cache/kdbook``; created if missing."""
     configured = os.environ.get(CACHE_ENV_VAR)
     directory = Path(configured).expanduser() if configured else Path.home() / ".cache" / "kdbook"
-    directory.mkdir(parents=True, exist_ok=True)
+    where = f"${CACHE_ENV_VAR}" if configured else "The cache folder (~/.cache/kdbook)"
+    fix = f"Point ${CACHE_ENV_VAR} at a folder you can write, e.g. export {CACHE_ENV_VAR}=~/kdbook-cache."
+    blocking = next((part for part in (directory, *directory.parents) if part.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        what = "a file" if blocking == directory else f"inside {blocking}, which is a file"
+        raise NotADirectoryError(must_be(where, "a folder", _Seen(f"{str(directory)!r} ({what})"), fix))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except PermissionError as error:
+        raise PermissionError(
+            must_be(where, "a folder you can write", _Seen(repr(str(directory))), fix)
+        ) from error
     return directory
 
 

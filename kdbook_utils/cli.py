@@ -16,7 +16,12 @@ or the stages named with ``--stage``), then writes ``<out>/<preset>/<lesson>.csv
 split and output) and ``<lesson>.json`` (the provenance) and prints the comparison. ``show`` prints the
 comparison of results files written by ``run`` or ``record``.
 
-Every bad argument is an error that names what was given and how to fix it (exit status 2).
+Every bad argument is an error that names what was given and how to fix it (exit status 2), and every
+argument is checked before anything trains: the output folder can be written, the data are there, each
+``--set FIELD=VALUE`` parses to the field's type (several values without spaces: ``--set
+temperatures=4,8``, or ``--set`` repeated) and names only what the lesson can build. Without
+``--preset``, ``run`` takes the preset from ``$KDBOOK_PRESET`` (as a notebook does); ``record``, which
+writes into the package, asks for ``--preset`` when ``$KDBOOK_PRESET`` names another preset than lab.
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import math
+import os
 import shlex
 import sys
 import time
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,9 +44,10 @@ import pandas as pd
 import torch
 
 from kdbook_utils import distributed
-from kdbook_utils.data import DatasetNotFoundError, preset_data
+from kdbook_utils.data import DamagedDataError, DatasetNotFoundError, preset_data
 from kdbook_utils.errors import closest
 from kdbook_utils.experiments import (
+    check_results_folder,
     compare,
     read_results,
     write_results,
@@ -46,7 +56,11 @@ from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.lessons.records import LESSONS, precision_name, record, results_path, run_provenance
 from kdbook_utils.lessons.sweep import RayExecutor, RunFolder, ray_available, start_ray
 from kdbook_utils.lessons.teachers import ship, train_teachers
-from kdbook_utils.presets import PRESETS, Preset
+from kdbook_utils.methods.lsl import REDUCTIONS
+from kdbook_utils.models import list_models
+from kdbook_utils.models.multi_exit import HEAD_STYLES
+from kdbook_utils.models.small_cnn import SMALL_CNN_FAMILY
+from kdbook_utils.presets import PRESET_ENV_VAR, PRESETS, Preset
 from kdbook_utils.train import resolve_device
 
 __all__ = ["STAGES", "Stage", "main"]
@@ -93,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", nargs="+", metavar="STAGE",
                      help="run only these stages (and the ones they need); see 'list'")  # fmt: skip
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                     help="change one of the lesson's settings, e.g. --set epochs=5 (repeatable)")  # fmt: skip
+                     help="change one of the lesson's settings, e.g. --set epochs=5 (repeatable); several "
+                          "values without spaces: --set temperatures=4,8")  # fmt: skip
     run.add_argument(
         "--out", type=Path, default=Path("results"), help="the results folder (default: results)"
     )
@@ -129,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(command: argparse.ArgumentParser, default_preset: str = "quick") -> None:
-    command.add_argument(
-        "--preset", default=default_preset, help=f"one of {', '.join(PRESETS)} (default {default_preset})"
-    )
+    command.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: ${PRESET_ENV_VAR} "
+                         f"if set, else {default_preset})")  # fmt: skip
+    command.set_defaults(default_preset=default_preset)
     command.add_argument("--device", default=None,
                          help="auto, cpu, cuda, cuda:N or mps (default: the preset's)")  # fmt: skip
     command.add_argument("--data", default=None, metavar="ROOT",
@@ -147,11 +162,31 @@ def _lesson(name: str) -> str:
     return name
 
 
-def _preset(name: str, lesson: str) -> Preset:
+def _preset_name(given: str | None, default: str, command: str) -> tuple[str, str]:
+    """The preset a command runs and where it came from: ``--preset``, else ``$KDBOOK_PRESET`` (as the
+    notebooks read it), else the command's default. ``record`` writes into the package, so it refuses to
+    guess between its default (lab) and another preset in the environment: it asks for ``--preset``."""
+    from_environment = os.environ.get(PRESET_ENV_VAR, "").strip()
+    if given is not None:
+        if from_environment and from_environment.lower() != given.strip().lower():
+            print(f"Note: --preset {given} is used; ${PRESET_ENV_VAR}={from_environment} is ignored by this "
+                  "command.", file=sys.stderr)  # fmt: skip
+        return given, "--preset"
+    if from_environment:
+        if command == "record" and from_environment.lower() != default:
+            raise UsageError(f"record records preset {default!r} unless told otherwise, but ${PRESET_ENV_VAR} is "
+                             f"{from_environment!r}: say which with --preset {from_environment} or --preset "
+                             f"{default}.")  # fmt: skip
+        return from_environment, f"${PRESET_ENV_VAR}"
+    return default, "default"
+
+
+def _preset(name: str, lesson: str, source: str = "--preset") -> Preset:
     key = name.strip().lower()
     if key not in PRESETS:
+        origin = f" (from {source})" if source.startswith("$") else ""
         raise UsageError(
-            f"Unknown preset {name!r}; the presets are {', '.join(PRESETS)}.{closest(key, PRESETS)}"
+            f"Unknown preset {name!r}{origin}; the presets are {', '.join(PRESETS)}.{closest(key, PRESETS)}"
         )
     if key not in LESSONS[lesson].settings:
         raise UsageError(
@@ -170,6 +205,11 @@ def _data_root(root: str | None, preset: Preset) -> str | None:
             f"Pass --data with the folder that holds {preset.dataset} (torchvision's cifar-10-batches-py/, or "
             "train/<class>/*.jpg and test/<class>/*.jpg), or leave --data out to use $KDBOOK_DATA."
         )
+    pickles = {"cifar-10-batches-py": "data_batch_1", "cifar-100-python": "meta"}
+    if folder.name in pickles or any((folder / file).is_file() for file in pickles.values()):
+        raise UsageError(f"--data {root} is torchvision's {folder.name if folder.name in pickles else 'pickle'} "
+                         "folder itself; --data takes the folder that holds it. Point at its parent: "
+                         f"--data {folder.parent}")  # fmt: skip
     return str(folder)
 
 
@@ -183,12 +223,86 @@ def _device(name: str | None, preset: Preset) -> torch.device:
 def _parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text  # a bare word is a string: --set student=cnn-2x16
+
+
+def _field_types(settings: Any) -> dict[str, Any]:
+    """Each settings field's declared type (``int | None``, ``tuple[float, ...]``, ...)."""
+    return typing.get_type_hints(type(settings))
+
+
+def _optional(hint: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None``, else ``(hint, False)``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [part for part in typing.get_args(hint) if part is not type(None)]
+        if len(parts) == 1 and len(typing.get_args(hint)) == 2:
+            return parts[0], True
+    return hint, False
+
+
+def _convert(value: Any, hint: Any, name: str, assignment: str, current: Any) -> Any:
+    """``value`` (a parsed Python literal) as the field's declared type, or a UsageError naming the fix."""
+    kind, optional = _optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(
+            f"--set {assignment}: {name} cannot be None; give a value like its current {current!r}."
+        )
+    if typing.get_origin(kind) is tuple:
+        item_kind = typing.get_args(kind)[0]
+        if isinstance(value, str):  # bare words: --set students=cnn-1x8,cnn-2x8
+            value = tuple(_parse_value(part.strip()) for part in value.split(",") if part.strip())
+        items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if not items:
+            raise UsageError(f"--set {assignment}: {name} needs at least one value, e.g. --set {name}="
+                             f"{','.join(map(str, current[:2]))}")  # fmt: skip
+        return tuple(
+            _convert(item, item_kind, name, assignment, current[0] if current else item) for item in items
+        )
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"--set {assignment}: {name} is {current!r}; give True or False.")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and " " in value.strip():
+                raise _several_values(assignment, name)
+            raise UsageError(
+                f"--set {assignment}: {name} must be a whole number, like its value {current!r}."
+            )
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str) and " " in value.strip():
+                raise _several_values(assignment, name)
+            raise UsageError(f"--set {assignment}: {name} must be a number, like its value {current!r}.")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise UsageError(f"--set {assignment}: {name} is a str (now {current!r}); got {value!r}. Write it as a "
+                             f"Python literal, e.g. --set {name}={current!r}.")  # fmt: skip
+        return value
+    if isinstance(kind, type) and not isinstance(value, kind):
+        raise UsageError(f"--set {assignment}: {name} is a {kind.__name__} (now {current!r}); got {value!r}. Write "
+                         f"it as a Python literal, e.g. --set {name}={current!r}.")  # fmt: skip
+    return value
+
+
+def _several_values(assignment: str, name: str) -> UsageError:
+    items = ",".join(assignment.partition("=")[2].split())
+    return UsageError(f"--set {assignment}: {name} takes one value. A setting with several values is written "
+                      f"without spaces, e.g. --set {name}={items}; repeating --set {name}=... adds to it.")  # fmt: skip
 
 
 def _override(settings: Any, assignment: str) -> Any:
     """``settings`` with one field changed from ``FIELD=VALUE`` (the value read as a Python literal)."""
+    return dataclasses.replace(settings, **dict([_assignment(settings, assignment)]))
+
+
+def _assignment(settings: Any, assignment: str) -> tuple[str, Any]:
+    """``(field, value)`` of ``FIELD=VALUE``, the value converted to the field's declared type."""
     fields = {field.name: field for field in dataclasses.fields(settings)}
     name, sep, text = assignment.partition("=")
     name = name.strip()
@@ -197,21 +311,98 @@ def _override(settings: Any, assignment: str) -> Any:
     if name not in fields:
         raise UsageError(f"--set {assignment}: the lesson's settings have no field {name!r}; its fields are "
                          f"{', '.join(fields)}.{closest(name, fields)}")  # fmt: skip
-    current, value = getattr(settings, name), _parse_value(text.strip())
-    if isinstance(current, tuple):
-        value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    elif isinstance(current, bool) or isinstance(value, bool):
-        if not isinstance(value, bool) or not isinstance(current, bool):
-            raise UsageError(f"--set {assignment}: {name} is {current!r}; give True or False.")
-    elif isinstance(current, (int, float)) and isinstance(value, (int, float)):
-        if isinstance(current, int) and not isinstance(value, int):
-            raise UsageError(
-                f"--set {assignment}: {name} must be a whole number, like its value {current!r}."
-            )
-    elif current is not None and value is not None and not isinstance(value, type(current)):
-        raise UsageError(f"--set {assignment}: {name} is a {type(current).__name__} (now {current!r}); got "
-                         f"{value!r}. Write it as a Python literal, e.g. --set {name}={current!r}.")  # fmt: skip
-    return dataclasses.replace(settings, **{name: value})
+    current = getattr(settings, name)
+    return name, _convert(_parse_value(text.strip()), _field_types(settings)[name], name, assignment, current)
+
+
+def _choices(lesson: str, name: str) -> Sequence[str] | None:
+    """The names a lesson can build for a settings field that names something (None: not a name)."""
+    if lesson == "hinton" and name in ("student", "students"):
+        return list(SMALL_CNN_FAMILY)
+    if name in ("teacher", "student", "pretrained_teacher"):
+        return list_models()
+    return {"reduction": REDUCTIONS, "heads": HEAD_STYLES}.get(name)
+
+
+def _check_setting(lesson: str, name: str, value: Any, assignment: str, current: Any) -> None:
+    """Refuse a value the lesson cannot run with (an unknown name, a count below one, a negative seed, a
+    learning rate or temperature that is not positive, a negative loss weight) before anything trains."""
+    items = value if isinstance(value, tuple) else (value,)
+    choices = _choices(lesson, name)
+    for item in items:
+        if item is None:
+            continue
+        if choices is not None and item not in choices:
+            raise UsageError(f"--set {assignment}: lesson {lesson!r} has no {name.rstrip('s')} {item!r}; the ones it "
+                             f"can build are {', '.join(choices)}.{closest(item, choices)}")  # fmt: skip
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            if not math.isfinite(item):
+                raise UsageError(f"--set {assignment}: {name} must be a finite number; got {item!r}.")
+            if "seeds" in name:
+                rule, ok = "a non-negative integer, e.g. 0", item >= 0
+            elif "alpha" in name or name == "beta" or name == "gram_epochs":  # 0 switches a term or phase off
+                rule, ok = "0 or more", item >= 0
+            elif isinstance(item, int):
+                rule, ok = "at least 1", item >= 1
+            else:
+                rule, ok = "a number above 0", item > 0
+            if not ok:
+                raise UsageError(f"--set {assignment}: {name} must be {rule}; got {item!r}. The lesson's own value "
+                                 f"is {current!r}.")  # fmt: skip
+    if lesson == "hinton" and "alpha" in name and any(not 0 <= item <= 1 for item in items):
+        raise UsageError(f"--set {assignment}: alpha weighs the hard-label term of Hinton KD and lies in [0, 1]; "
+                         f"got {value!r}. Use e.g. --set {name}=0.1,0.5.")  # fmt: skip
+    if "seeds" in name and len(set(items)) != len(items):
+        raise UsageError(
+            f"--set {assignment}: {name} repeats a seed; give each seed once, e.g. --set {name}=0,1,2."
+        )
+
+
+def _apply_overrides(lesson: str, settings: Any, assignments: Sequence[str]) -> Any:
+    """``settings`` with every ``--set`` applied and checked. A tuple field set more than once collects the
+    values (``--set temperatures=4 --set temperatures=8``); another field set twice to different values is
+    refused."""
+    changes: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for assignment in assignments:
+        name, value = _assignment(settings, assignment)
+        if name in changes:
+            if isinstance(value, tuple):
+                value = changes[name] + value
+            elif value != changes[name]:
+                raise UsageError(
+                    f"--set {given[name]} and --set {assignment} give {name} two values; keep one."
+                )
+        _check_setting(lesson, name, value, assignment, getattr(settings, name))
+        changes[name], given[name] = value, assignment
+    return dataclasses.replace(settings, **changes)
+
+
+def _stray_set_values(argv: Sequence[str], extra: Sequence[str]) -> str | None:
+    """The message for words argparse could not place that follow a ``--set FIELD=VALUE`` (``--set
+    temperatures=4 8``: a value with several items written with spaces), or None."""
+    for index, token in enumerate(argv):
+        value = (
+            argv[index + 1]
+            if token == "--set" and index + 1 < len(argv)
+            else token[6:]
+            if token.startswith("--set=")
+            else None
+        )
+        if value is None:
+            continue
+        after = index + (2 if token == "--set" else 1)
+        stray = []
+        while after < len(argv) and not argv[after].startswith("-") and argv[after] in extra:
+            stray.append(argv[after])
+            after += 1
+        if stray:
+            name, _, first = value.partition("=")
+            items = ",".join([*first.split(), *stray])
+            return (f"--set {value} {' '.join(stray)}: a setting's value is one argument, so the words after it "
+                    f"are not part of it. Write several values without spaces: --set {name}={items} (or repeat "
+                    f"--set {name}=... for each value).")  # fmt: skip
+    return None
 
 
 def _stages(lesson: str, wanted: Sequence[str] | None) -> list[str]:
@@ -252,16 +443,19 @@ def command_list(args: argparse.Namespace) -> int:
 
 def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     lesson = _lesson(args.lesson)
-    preset = _preset(args.preset, lesson)
+    name, source = _preset_name(args.preset, args.default_preset, "run")
+    preset = _preset(name, lesson, source)
+    if source.startswith("$"):
+        print(f"Preset {preset.name} (from {source}).", file=sys.stderr)
     settings = LESSONS[lesson].settings[preset.name]
     if args.seeds:
         if len(set(args.seeds)) != len(args.seeds):
             raise UsageError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; give each seed once.")
         settings = dataclasses.replace(settings, seeds=tuple(args.seeds))
-    for assignment in args.overrides:
-        settings = _override(settings, assignment)
+    settings = _apply_overrides(lesson, settings, args.overrides)
     stages = _stages(lesson, args.stage)
     root = _data_root(args.data, preset)
+    _results_folder(lesson, args.out, preset)
     spread = distributed.launched_by_torchrun()
     if args.ray and spread:
         raise UsageError("--ray and torchrun do not mix: torchrun splits one run over processes, Ray spreads many "
@@ -284,6 +478,8 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         splits = preset_data(preset, root=root)
     except DatasetNotFoundError as error:
         raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
+    except DamagedDataError as error:
+        raise UsageError(str(error)) from error
     entry = LESSONS[lesson]
     runner: LessonRunner = entry.runner.prepare(
         preset, splits, device=device, progress=progress, settings=settings
@@ -323,16 +519,30 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _results_folder(lesson: str, out: Path | None, preset: Preset) -> None:
+    """Refuse an output folder that cannot be written before anything trains."""
+    folder = results_path(lesson, preset.name, out).parent
+    try:
+        check_results_folder(folder)
+    except OSError as error:  # NotADirectoryError, PermissionError
+        option = f"--out {out}" if out is not None else "The package's results folder"
+        raise UsageError(f"{option}: {error}") from error
+
+
 def command_record(args: argparse.Namespace) -> int:
     lesson = _lesson(args.lesson)
-    preset = _preset(args.preset, lesson)
+    name, source = _preset_name(args.preset, args.default_preset, "record")
+    preset = _preset(name, lesson, source)
     root = _data_root(args.data, preset)
     device = _device(args.device, preset)
+    _results_folder(lesson, None, preset)
     progress = not args.quiet and sys.stderr.isatty()
     try:
         table_path = record(lesson, preset, root=root, device=device, progress=progress)
     except DatasetNotFoundError as error:
         raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
+    except DamagedDataError as error:
+        raise UsageError(str(error)) from error
     print(f"Wrote {table_path} and {table_path.with_suffix('.json').name}.\n")
     print(comparison_text(*read_results(table_path.with_suffix(""))))
     return 0
@@ -376,8 +586,12 @@ def command_show(args: argparse.Namespace) -> int:
             runs, provenance = read_results(stem)
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(f"Cannot read the results {stem}: {error}") from error
+        try:
+            text = comparison_text(runs, provenance)
+        except ValueError as error:
+            raise UsageError(f"Cannot compare the results {stem.with_suffix('.csv')}: {error}") from error
         print(f"== {stem.with_suffix('.csv')}")
-        print(comparison_text(runs, provenance))
+        print(text)
     return 0
 
 
@@ -423,7 +637,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = _stray_set_values(argv, extra)
+        if stray is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        print(f"{parser.prog}: error: {stray}", file=sys.stderr)
+        return 2
     try:
         if args.command == "list":
             return command_list(args)

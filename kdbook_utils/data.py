@@ -33,6 +33,7 @@ import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +50,14 @@ from tqdm.auto import tqdm
 
 from kdbook_utils import distributed
 from kdbook_utils.checkpoints import cache_dir
+from kdbook_utils.errors import Seen, must_be
 from kdbook_utils.presets import DATA_ROOT_ENV_VAR, Preset
 from kdbook_utils.train import resolve_device
 
 __all__ = [
     "DATASETS",
     "SPLITS",
+    "DamagedDataError",
     "DatasetNotFoundError",
     "ImageDataset",
     "TensorLoader",
@@ -90,6 +93,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """A data set's files are not on disk (and were not downloaded)."""
 
 
+class DamagedDataError(ValueError):
+    """A data set's file is there but cannot be read (cut short, an HTML error page, another file):
+    the message names the file and says to delete it and get it again."""
+
+
 @dataclass(eq=False, repr=False)
 class ImageDataset:
     """A labelled image data set held in memory.
@@ -117,6 +125,7 @@ class ImageDataset:
     subset_of: int | None = None
     subset_seed: int | None = None
     _digest: str | None = field(default=None, init=False)
+    _digest_state: tuple | None = field(default=None, init=False)  # the tensors' state the digest is of
 
     def __post_init__(self) -> None:
         self.classes = list(self.classes)
@@ -256,14 +265,34 @@ class ImageDataset:
         return f"{self.name}/{self.split} n={len(self)}{drawn} {shape}"
 
     def digest(self) -> str:
-        """A short checksum of the pixels and labels (computed once): two data sets with the same digest
-        hold the same images in the same order."""
-        if self._digest is None:
+        """A short checksum of the pixels and labels: two data sets with the same digest hold the same
+        images in the same order.
+
+        It is computed once and computed again only when the tensors change: another tensor assigned
+        (``dataset.images = ...``) or an in-place change (``dataset.images[0] = 0``, ``images.mul_(2)``),
+        which PyTorch counts in each tensor's version counter. (A change made through a NumPy view of the
+        tensor bypasses that counter; make a new data set instead.)"""
+        state = _tensor_state(self.images, self.labels)
+        if self._digest is None or state != self._digest_state:
+            self._digest_state = state
             hasher = hashlib.blake2b(digest_size=8)
             hasher.update(self.images.detach().cpu().contiguous().numpy())
             hasher.update(self.labels.detach().cpu().contiguous().numpy())
             self._digest = hasher.hexdigest()
         return self._digest
+
+
+def _tensor_state(*tensors: Tensor) -> tuple:
+    """Which storage each tensor uses and how often it was changed in place (PyTorch's version counter):
+    equal states mean unchanged tensors. Cheap: no value is read."""
+    state = []
+    for tensor in tensors:
+        try:
+            version = tensor._version
+        except RuntimeError:  # an inference tensor has no version counter (and cannot change in place)
+            version = -1
+        state.append((id(tensor), tensor.data_ptr(), version, tuple(tensor.shape)))
+    return tuple(state)
 
 
 def _stratified_sample(labels: Tensor, num_classes: int, size: int, seed: int) -> Tensor:
@@ -382,6 +411,10 @@ def preset_data(preset: Preset, root: str | os.PathLike | None = None, download:
     says so; ``test`` is the test split, cut to ``preset.test_subset``. Subsets are drawn with seed 0, so
     every training seed of a lesson sees the same images.
     """
+    if not isinstance(preset, Preset):
+        name = f"get_preset({preset!r})" if isinstance(preset, str) else "get_preset('quick')"
+        raise TypeError(must_be("preset_data's preset", "a Preset", preset if isinstance(preset, str) else
+                                Seen(f"a {type(preset).__name__}"), f"Pass the preset itself: preset_data({name})."))  # fmt: skip
     full = load_dataset(preset.dataset, "train", root, download)
     if preset.val_size:
         train, val = full.holdout(preset.val_size, seed=VALIDATION_SEED)
@@ -494,6 +527,7 @@ class _CifarFormat:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    archive: str = ""  # the file the release is downloaded as (torchvision unpacks it into ``folder``)
 
 
 _CIFAR_FORMATS = {
@@ -508,6 +542,7 @@ _CIFAR_FORMATS = {
         num_classes=10,
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
+        archive="cifar-10-python.tar.gz",
     ),
     "cifar100": _CifarFormat(
         title="CIFAR-100",
@@ -520,6 +555,7 @@ _CIFAR_FORMATS = {
         num_classes=100,
         mean=CIFAR100_MEAN,
         std=CIFAR100_STD,
+        archive="cifar-100-python.tar.gz",
     ),
 }
 
@@ -546,6 +582,7 @@ def _load_cifar(name: str, split: str, root: Path, download: bool) -> ImageDatas
             notes.append(f"{tree} has {class_count} class folders, not {release.num_classes}: skipped")
     else:
         if not download:
+            _refuse_unusable_cifar_root(name, root, files)
             raise _missing_data_error(f"{release.title} ({split} split)", looked_for, notes, root)
         images, labels, classes = _download_cifar(name, root, files)
     if images.shape[1:] != (3, 32, 32):
@@ -562,19 +599,88 @@ def _read_cifar_pickles(
     Unpickling can run code, so only read files from a source you trust (as with torchvision)."""
     images, labels = [], []
     for file in files:
-        with open(folder / file, "rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(entry[release.labels_key], dtype=np.int64))
+        entry = _load_cifar_pickle(release, folder / file, ("data", release.labels_key))
+        pixels = np.asarray(entry["data"], dtype=np.uint8)
+        file_labels = np.asarray(entry[release.labels_key], dtype=np.int64)
+        if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32 or len(file_labels) != len(pixels):
+            raise DamagedDataError(_damaged_cifar_message(
+                release, folder / file, f"its arrays are not {release.title}'s (data of shape "
+                f"{pixels.shape}, {len(file_labels)} labels; expected (N, 3072) and N labels)"))  # fmt: skip
+        images.append(pixels.reshape(-1, 3, 32, 32))
+        labels.append(file_labels)
     meta_path = folder / release.meta_file
     if meta_path.is_file():
-        with open(meta_path, "rb") as handle:
-            classes = list(pickle.load(handle, encoding="latin1")[release.names_key])
+        classes = list(_load_cifar_pickle(release, meta_path, (release.names_key,))[release.names_key])
     elif release.num_classes == 10:
         classes = list(CIFAR10_CLASSES)
     else:
         raise DatasetNotFoundError(f"{meta_path} (the {release.title} class names) is missing.")
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), classes
+
+
+def _load_cifar_pickle(release: _CifarFormat, path: Path, keys: Sequence[str]) -> dict:
+    """One of torchvision's CIFAR pickles, unpickled; a file that is not one is refused by name."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+        handle.seek(0)
+        try:
+            entry = pickle.load(handle, encoding="latin1")
+        except Exception as error:  # unpickling junk raises many types; all mean the same: a damaged file
+            raise DamagedDataError(
+                _damaged_cifar_message(release, path, _what_it_is(path, head, error))
+            ) from error
+    missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
+    if missing:
+        seen = (
+            f"a dict with the keys {sorted(entry)[:6]}"
+            if isinstance(entry, dict)
+            else f"a {type(entry).__name__}"
+        )
+        raise DamagedDataError(_damaged_cifar_message(
+            release, path, f"it unpickles to {seen}, without {', '.join(repr(key) for key in missing)}"))  # fmt: skip
+    return entry
+
+
+def _what_it_is(path: Path, head: bytes, error: Exception) -> str:
+    """What a file that does not unpickle looks like, in words."""
+    size = path.stat().st_size
+    start = head.lstrip().lower()
+    if size == 0:
+        return "it is empty (0 bytes)"
+    if start.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<")):
+        return "it is an HTML page, not a pickle (a download that saved a web page, e.g. an error page)"
+    if head.startswith(b"\x1f\x8b"):
+        return "it is a gzip archive, not a pickle (the release archive renamed, not extracted)"
+    if isinstance(error, EOFError) or "truncated" in str(error):
+        return f"it is cut short ({size:,} bytes; an interrupted download or copy)"
+    return f"it does not unpickle ({type(error).__name__}: {error})"
+
+
+def _damaged_cifar_message(release: _CifarFormat, path: Path, what: str) -> str:
+    return (f"{path} is damaged: {what}. Delete the folder {path.parent} and get {release.title} again: "
+            f"download=True (where there is internet), or copy the {release.folder}/ folder (or the "
+            f"{release.archive} archive, then extract it) from a machine that has a good copy.")  # fmt: skip
+
+
+def _refuse_unusable_cifar_root(name: str, root: Path, files: Sequence[str]) -> None:
+    """Two near misses get their own message: ``root`` is the pickle folder itself (its parent is the
+    root), or a folder holds only the downloaded archive (it must be extracted first)."""
+    release = _CIFAR_FORMATS[name]
+    if root.name == release.folder or (root / files[0]).is_file():
+        raise DatasetNotFoundError(
+            f"{release.title} was not found: {root} is torchvision's {release.folder}/ folder itself, but the "
+            f"data root is the folder that holds it. Pass its parent: root='{root.parent}' (or set "
+            f"{DATA_ROOT_ENV_VAR}={root.parent})."
+        )
+    for folder in _search_folders(root, name):
+        archive = folder / release.archive
+        if archive.is_file() and not (folder / release.folder).is_dir():
+            raise DatasetNotFoundError(
+                f"{release.title} was not found in {folder}, but its downloaded archive {archive} is there, "
+                f"not extracted. Extract it: tar -xzf '{archive}' -C '{folder}' (it unpacks to "
+                f"{release.folder}/), or pass download=True with root='{folder}' (torchvision checks the "
+                "archive it finds and extracts it without downloading again)."
+            )
 
 
 def _download_cifar(name: str, root: Path, files: Sequence[str]) -> tuple[Tensor, Tensor, list[str]]:
@@ -653,8 +759,14 @@ def _decode_images(files: list[Path]) -> Tensor:
         files, desc="Decoding images (once, then cached)", unit="img", disable=len(files) < 5000, leave=False
     )
     for index, path in enumerate(progress):
-        with Image.open(path) as opened:
-            image = torch.from_numpy(np.array(opened.convert("RGB"))).permute(2, 0, 1)  # HWC -> CHW
+        try:
+            with Image.open(path) as opened:
+                image = torch.from_numpy(np.array(opened.convert("RGB"))).permute(2, 0, 1)  # HWC -> CHW
+        except OSError as error:  # PIL's UnidentifiedImageError and a truncated image are OSErrors
+            raise DamagedDataError(
+                f"{path} is damaged: it does not decode as an image ({error}). Delete it, or copy the data set "
+                "again from a good copy (a half-copied or empty file is the usual cause)."
+            ) from error
         if images is None:
             images = torch.empty((len(files), *image.shape), dtype=torch.uint8)
         if image.shape != images.shape[1:]:
@@ -731,9 +843,22 @@ def _load_imagenet64(split: str, root: Path) -> ImageDataset:
 
     images, labels = [], []
     for path in found.values():
-        with np.load(path) as archive:  # allow_pickle stays False: npz arrays only
-            data = archive["data"]
-            file_labels = np.asarray(archive["labels"], dtype=np.int64).reshape(-1)
+        try:
+            with np.load(path) as archive:  # allow_pickle stays False: npz arrays only
+                data = archive["data"]
+                file_labels = np.asarray(archive["labels"], dtype=np.int64).reshape(-1)
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            EOFError,
+            zipfile.BadZipFile,
+        ) as error:  # a cut or foreign file
+            raise DamagedDataError(
+                f"{path} is damaged: it does not read as an npz file with 'data' and 'labels' ({error}). Delete "
+                "it and download it again from https://image-net.org/download-images (a cut download is the usual "
+                "cause)."
+            ) from error
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * _IMAGENET64_SIDE**2:
             raise ValueError(
                 f"{path}: 'data' should be uint8 of shape (N, {3 * _IMAGENET64_SIDE**2}) (R, G, B planes of "

@@ -15,11 +15,14 @@ from __future__ import annotations
 import difflib
 import math
 import operator
+import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "Seen",
+    "TrainingLoaderWarning",
     "check_choice",
     "check_int",
     "check_keywords",
@@ -27,6 +30,7 @@ __all__ = [
     "closest",
     "describe",
     "must_be",
+    "warn_if_training_loader",
 ]
 
 _MAX_SHOWN = 80  # characters of a value's repr before it is cut
@@ -181,3 +185,39 @@ def check_keywords(
     message = f"{where} got {'unknown keywords' if plural else 'an unknown keyword'} {names}. "
     message += f"Valid keywords: {listed}.{closest(unknown[0], valid)}"
     raise TypeError(f"{message} {fix}" if fix else message)
+
+
+class TrainingLoaderWarning(UserWarning):
+    """An evaluation got a loader that augments or shuffles (a ``TensorLoader`` made with ``train=True``)."""
+
+
+_WARNED_LOADERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def warn_if_training_loader(loader: Any, where: str) -> bool:
+    """Warn once per loader when ``where`` (e.g. ``"evaluate"``, ``"fit's val_loader"``) measures on a
+    loader that augments (or a training loader that shuffles); returns whether it does.
+
+    An evaluation loader made with ``train=True`` crops, flips and shuffles the images it measures on,
+    so its accuracy is that of other images than the split's, and it changes from call to call. Only
+    loaders that say so (``augment`` or ``shuffle`` attributes, as :class:`~kdbook_utils.data.TensorLoader`
+    has) are recognised; others pass silently.
+    """
+    augments, shuffles = bool(getattr(loader, "augment", False)), bool(getattr(loader, "shuffle", False))
+    if not (augments or (shuffles and getattr(loader, "train", False))):  # a shuffled eval loader is harmless
+        return False
+    try:
+        if loader in _WARNED_LOADERS:
+            return True
+        _WARNED_LOADERS.add(loader)
+    except TypeError:  # not weak-referable: Python's own warning registry still shows it once per place
+        pass
+    doing = " and ".join(word for word, on in (("augments", augments), ("shuffles", shuffles)) if on)
+    warnings.warn(
+        f"{where} got a loader that {doing} (a training loader, train=True), so it measures on cropped or "
+        "flipped copies of the images, in a new order each time. Build evaluation loaders with train=False, "
+        "e.g. TensorLoader(data, batch_size, train=False).",
+        TrainingLoaderWarning,
+        stacklevel=3,
+    )
+    return True

@@ -21,6 +21,8 @@ from __future__ import annotations
 import difflib
 import operator
 import textwrap
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -89,6 +91,42 @@ def zeros_input(model: nn.Module, input_shape: Sequence[int]) -> Tensor:
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     return torch.zeros(batch_shape(input_shape), device=device)
+
+
+class TrainingModeFeaturesWarning(UserWarning):
+    """Features read from a model in training mode outside training: batch norm uses the batch's own
+    statistics (and updates its running ones) and dropout drops, so they are not the model's features."""
+
+
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+_WARNED_TRAINING_MODE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _warn_if_reading_in_training_mode(model: nn.Module, detach: bool) -> None:
+    """Warn once per model when features are *read* (not trained on) while ``model`` is in training mode.
+
+    Reading means no gradient can reach the model: gradients off (``torch.no_grad()``), ``detach=True``,
+    or no parameter that requires a gradient (a frozen or loaded model). A student whose features a
+    method trains on is in training mode on purpose and gets no warning."""
+    if not model.training or model in _WARNED_TRAINING_MODE:
+        return
+    trains = torch.is_grad_enabled() and not detach and any(p.requires_grad for p in model.parameters())
+    if trains:
+        return
+    changing = sorted({type(module).__name__ for module in model.modules() if isinstance(module, _MODE_DEPENDENT)
+                       and module.training})  # fmt: skip
+    if not changing:
+        return
+    _WARNED_TRAINING_MODE.add(model)
+    warnings.warn(
+        f"Reading features from {getattr(model, 'arch', type(model).__name__)} in training mode: its "
+        f"{', '.join(changing)} layers behave as in training (batch norm normalises with each batch's own "
+        "statistics and updates its running ones; dropout drops), so the features are not the trained "
+        "model's and the model itself changes. Call model.eval() first (or read them inside "
+        "`with eval_mode(model):`).",
+        TrainingModeFeaturesWarning,
+        stacklevel=4,
+    )
 
 
 @contextmanager
@@ -228,6 +266,7 @@ class FeatureExtractor:
                     "Stack the images first, e.g. torch.stack(images), or batch them with a TensorLoader.",
                 )
             )
+        _warn_if_reading_in_training_mode(self.model, self.detach)
         self._captured = {}
         self._recording = True
         try:

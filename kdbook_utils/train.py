@@ -55,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from kdbook_utils import distributed
-from kdbook_utils.errors import must_be
+from kdbook_utils.errors import must_be, warn_if_training_loader
 from kdbook_utils.features import FeatureExtractor
 from kdbook_utils.presets import Preset
 
@@ -719,6 +719,8 @@ def fit(
         ``val_acc`` are then those of its last exit.
     """
     _check_fit_arguments(epochs, lr, schedule, milestones, divergence_factor)
+    if val_loader is not None:
+        warn_if_training_loader(val_loader, "fit's val_loader")
     method = as_method(method)
     phases = method.training_phases(epochs, lr)
     if optimizer is not None and len(phases) > 1:
@@ -1184,6 +1186,7 @@ def evaluate(model_or_method: nn.Module, loader: Batches, device: DeviceLike = N
     """
     model = _student_of(model_or_method)
     device = resolve_device(device)
+    warn_if_training_loader(loader, "evaluate")
     was_training = model.training
     model.to(device).eval()
     try:
@@ -1249,6 +1252,7 @@ def predict(model: nn.Module, loader: Batches, device: DeviceLike = None) -> tup
     """
     model = _student_of(model)
     device = resolve_device(device)
+    warn_if_training_loader(loader, "predict")
     was_training = model.training
     model.to(device).eval()
     channels_last = _uses_channels_last(model)

@@ -6,8 +6,12 @@ fix the message must give. The table is grouped by module; add a row for every n
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import pickle
 import random
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,16 +25,42 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from kdbook_utils import cli
 from kdbook_utils.checkpoints import (
     CheckpointError,
     CorruptCheckpointError,
     NotACheckpointError,
+    cache_dir,
     load_checkpoint,
     load_or_train,
     save_checkpoint,
 )
-from kdbook_utils.features import FeatureExtractor
+from kdbook_utils.data import (
+    DamagedDataError,
+    DatasetNotFoundError,
+    DataSplits,
+    TensorLoader,
+    load_dataset,
+    preset_data,
+)
+from kdbook_utils.errors import TrainingLoaderWarning, warn_if_training_loader
+from kdbook_utils.experiments import (
+    ResultsFileError,
+    TeacherOutputCache,
+    best_on_validation,
+    cached_teacher,
+    compare,
+    paired_interval,
+    read_results,
+    run_seeds,
+    train_student,
+    write_results,
+)
+from kdbook_utils.features import FeatureExtractor, TrainingModeFeaturesWarning
 from kdbook_utils.lessons.hinton import HintonLesson
+from kdbook_utils.lessons.lsl import SETTINGS as LSL_SETTINGS
+from kdbook_utils.lessons.records import check_recorded, record, recorded_comparison
+from kdbook_utils.methods.hinton import HintonKD
 from kdbook_utils.metrics import accuracy, confusion_matrix, count_flops, per_class_accuracy
 from kdbook_utils.models import create_model
 from kdbook_utils.plots import heatmap_grid, image_grid, plot_history, results_bar
@@ -115,6 +145,152 @@ class UnusedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+
+# ------------------------------------------------------------------------- the experiment layer's inputs
+
+DIGITS = load_dataset("digits", "train", subset=40, seed=0).resized(8)
+SPLITS = DataSplits(DIGITS, DIGITS, DIGITS)
+
+
+def runs_table(methods: dict[str, list[int]], **columns: object) -> pd.DataFrame:
+    """A tidy table of test-split runs: ``{method: seeds}``; each accuracy is 80 + the seed + a method offset."""
+    rows = [{"lesson": "hinton", "stage": "final", "method": method, "seed": seed, "split": "test",
+             "output": "final", "accuracy": 80.0 + seed + offset, "seconds": 1.0, "failed": ""}
+            for offset, (method, seeds) in enumerate(methods.items()) for seed in seeds]  # fmt: skip
+    return pd.DataFrame(rows).assign(**columns)
+
+
+def with_nan(table: pd.DataFrame, method: str, seed: int) -> pd.DataFrame:
+    table.loc[(table["method"] == method) & (table["seed"] == seed), "accuracy"] = np.nan
+    return table
+
+
+def two_stages() -> pd.DataFrame:
+    """What a lesson's record() returns: a sweep stage and a final stage, both with seed 0."""
+    sweep = runs_table({"student alone": [0], "KD": [0]}, stage="sweep")
+    return pd.concat([sweep, runs_table({"student alone": [0, 1, 2], "KD": [0, 1, 2]})], ignore_index=True)
+
+
+def results_file(folder: Path) -> Path:
+    """A results file as write_results writes it (its stem: <folder>/hinton)."""
+    stem = folder / "hinton"
+    provenance = {"command": "python -m kdbook_utils run hinton --out results"}
+    write_results(runs_table({"student alone": [0, 1], "KD": [0, 1]}), stem, provenance)
+    return stem
+
+
+def edited(folder: Path, change: Callable[[str], str], meta: Callable[[str], str] | None = None) -> Path:
+    """A results file whose CSV (and, if given, JSON) text was changed by hand or cut short."""
+    stem = results_file(folder)
+    table = stem.with_suffix(".csv")
+    table.write_text(change(table.read_text()))
+    if meta is not None:
+        stem.with_suffix(".json").write_text(meta(stem.with_suffix(".json").read_text()))
+    return stem
+
+
+def spreadsheet(text: str) -> str:
+    """The table as a spreadsheet re-saves it: ';' between fields, ',' as the decimal point."""
+    return "\n".join(line.replace(",", ";").replace(".", ",") for line in text.splitlines()) + "\n"
+
+
+def percent(text: str) -> str:
+    lines = text.splitlines()
+    fields = lines[1].split(",")
+    fields[6] = f"{fields[6]}%"
+    return "\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n"
+
+
+class CommandLineError(Exception):
+    """The command line exited with status 2 (a bad argument); the message is what it printed to stderr."""
+
+
+@contextlib.contextmanager
+def environment(**variables: str) -> object:
+    """Set environment variables inside the block and restore them afterwards."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def command_line(*argv: str, **variables: str) -> int:
+    """Run ``python -m kdbook_utils argv`` in this process (with environment ``variables``); a bad argument
+    (exit status 2) raises CommandLineError with what it printed to stderr."""
+    err = io.StringIO()
+    with environment(**variables), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            status = cli.main(list(argv))
+        except SystemExit as stop:
+            status = int(stop.code or 0)
+    if status == 2:
+        raise CommandLineError(err.getvalue())
+    return status
+
+
+def a_file(folder: Path) -> Path:
+    path = folder / "results.txt"
+    path.write_text("not a folder")
+    return path
+
+
+def cifar_folder(folder: Path, first: bytes) -> Path:
+    """A cifar-10-batches-py folder whose data_batch_1 holds ``first`` (the other files are whatever)."""
+    pickles = folder / "cifar-10-batches-py"
+    pickles.mkdir(parents=True)
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        (pickles / name).write_bytes(first if name == "data_batch_1" else b"")
+    return folder
+
+
+def half_a_pickle() -> bytes:
+    whole = pickle.dumps({"data": np.zeros((20, 3072), np.uint8), "labels": [0] * 20}, protocol=2)
+    return whole[: len(whole) // 2]
+
+
+def half_an_npz(folder: Path) -> Path:
+    path = folder / "val_data.npz"
+    np.savez(path, data=np.zeros((4, 3 * 64 * 64), np.uint8), labels=np.ones(4))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return folder
+
+
+def only_the_archive(folder: Path) -> Path:
+    (folder / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(100))
+    return folder
+
+
+def broken_jpeg_tree(folder: Path) -> Path:
+    for split in ("train", "test"):
+        for label in range(10):
+            (folder / split / f"class{label}").mkdir(parents=True)
+            (folder / split / f"class{label}" / "0.jpg").write_bytes(b"" if label == 3 else b"\xff\xd8broken")
+    return folder
+
+
+def as_error(call: Callable[[], object]) -> object:
+    """Run ``call`` with warnings turned into errors, so a warning is checked like an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return call()
+
+
+def features_in_training_mode() -> object:
+    model = resnet8().train()
+    with torch.no_grad():
+        return FeatureExtractor(model, ["stage1"])(torch.zeros(2, 3, 32, 32))
+
+
+def a_cache_in(folder: Path) -> Path:
+    with environment(KDBOOK_CACHE=str(a_file(folder))):
+        return cache_dir()
 
 
 uint8_images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
@@ -434,6 +610,395 @@ CASES: dict[str, Case] = {
         "a module that did not run",
         "Pick a module on the forward path",
     ),
+    "FeatureExtractor: reading a model left in training mode (warns)": Case(
+        lambda _: as_error(features_in_training_mode),
+        TrainingModeFeaturesWarning,
+        "in training mode: its BatchNorm2d layers",
+        "Call model.eval() first",
+    ),
+    # -------------------------------------------------------------------------------------------- data
+    "evaluation: a loader built with train=True (warns)": Case(
+        lambda _: as_error(lambda: warn_if_training_loader(TensorLoader(DIGITS, 16, train=True), "evaluate")),
+        TrainingLoaderWarning,
+        "evaluate got a loader that augments and shuffles",
+        "train=False",
+    ),
+    "CIFAR: a batch file that is an HTML error page": Case(
+        lambda tmp: load_dataset("cifar10", "train", cifar_folder(tmp, b"<!DOCTYPE html><html>404</html>")),
+        DamagedDataError,
+        "data_batch_1 is damaged: it is an HTML page",
+        "download=True",
+    ),
+    "CIFAR: a batch file cut in half": Case(
+        lambda tmp: load_dataset("cifar10", "train", cifar_folder(tmp, half_a_pickle())),
+        DamagedDataError,
+        "data_batch_1 is damaged: it is cut short",
+        "Delete the folder",
+    ),
+    "CIFAR: only the downloaded archive, not extracted": Case(
+        lambda tmp: load_dataset("cifar10", "train", only_the_archive(tmp)),
+        DatasetNotFoundError,
+        "cifar-10-python.tar.gz is there, not extracted",
+        "tar -xzf",
+    ),
+    "CIFAR: root is the cifar-10-batches-py folder itself": Case(
+        lambda tmp: load_dataset("cifar10", "train", cifar_folder(tmp, b"") / "cifar-10-batches-py"),
+        DatasetNotFoundError,
+        "cifar-10-batches-py is torchvision's cifar-10-batches-py/ folder itself",
+        "Pass its parent",
+    ),
+    "ImageNet 64x64: an npz file cut in half": Case(
+        lambda tmp: load_dataset("imagenet64", "test", half_an_npz(tmp)),
+        DamagedDataError,
+        "val_data.npz is damaged",
+        "download it again",
+    ),
+    "preset_data: a preset's name instead of the preset": Case(
+        lambda _: preset_data("lab"), TypeError, "got 'lab'", "preset_data(get_preset('lab'))"
+    ),
+    "image folder: an image file that does not decode": Case(
+        lambda tmp: load_dataset("cifar10", "test", broken_jpeg_tree(tmp)),
+        DamagedDataError,
+        "0.jpg is damaged: it does not decode",
+        "Delete it",
+    ),
+    "KDBOOK_CACHE: naming a file": Case(
+        lambda tmp: a_cache_in(tmp),
+        NotADirectoryError,
+        "results.txt' (a file)",
+        "Point $KDBOOK_CACHE at a folder",
+    ),
+    # ------------------------------------------------------------------------- experiments: teachers
+    "cached_teacher: one split instead of (train, val)": Case(
+        lambda _: cached_teacher("resnet8", DIGITS, epochs=1),
+        TypeError,
+        "got one ImageDataset ('digits' train split, 40 images)",
+        "splits = preset_data(PRESET)",
+    ),
+    "cached_teacher: a preset's name instead of its data": Case(
+        lambda _: cached_teacher("resnet8", "quick", epochs=1),
+        TypeError,
+        "got 'quick'",
+        "A preset's name is not its data",
+    ),
+    "cached_teacher: a model instead of its name": Case(
+        lambda _: cached_teacher(resnet8(), SPLITS, epochs=1),
+        TypeError,
+        "got a model (resnet8)",
+        "list_models() lists the names",
+    ),
+    "cached_teacher: a misspelled model name": Case(
+        lambda _: cached_teacher("resnet9", SPLITS, epochs=1),
+        ValueError,
+        "got 'resnet9'",
+        "Did you mean 'resnet8'",
+    ),
+    "cached_teacher: zero epochs": Case(
+        lambda _: cached_teacher("resnet8", SPLITS, epochs=0), ValueError, "got 0", "teacher_epochs"
+    ),
+    "cached_teacher: train and val of different image sizes": Case(
+        lambda _: cached_teacher("resnet8", (DIGITS, DIGITS.resized(16)), epochs=1),
+        ValueError,
+        "8x8 uint8",
+        "the same classes and image size",
+    ),
+    # ------------------------------------------------------------------------- experiments: students
+    "train_student: a model instead of a function that builds one": Case(
+        lambda _: train_student(resnet8(), None, SPLITS, seed=0, epochs=1),
+        TypeError,
+        "got a model (resnet8): every seed would go on training the same one",
+        "lambda: create_model",
+    ),
+    "train_student: a method already built instead of a factory": Case(
+        lambda _: train_student(resnet8, HintonKD(resnet8(), resnet8()), SPLITS, seed=0, epochs=1),
+        TypeError,
+        "got a HintonKD (a method already built",
+        "lambda student: HintonKD(student, teacher)",
+    ),
+    "train_student: a (train, val) pair without a test split": Case(
+        lambda _: train_student(resnet8, None, (DIGITS, DIGITS), seed=0, epochs=1),
+        TypeError,
+        "got a tuple of 2",
+        "DataSplits(train, val, test)",
+    ),
+    "train_student: one split name as a string": Case(
+        lambda _: train_student(resnet8, None, SPLITS, seed=0, epochs=1, splits="test"),
+        TypeError,
+        "got 'test'",
+        "('val', 'test')",
+    ),
+    "train_student: a negative seed": Case(
+        lambda _: train_student(resnet8, None, SPLITS, seed=-1, epochs=1), ValueError, "got -1", "run_seeds"
+    ),
+    "train_student: a dict as the teacher cache": Case(
+        lambda _: train_student(resnet8, None, SPLITS, seed=0, epochs=1, cache={}),
+        TypeError,
+        "got a dict",
+        "cache=TeacherOutputCache()",
+    ),
+    "run_seeds: a number of seeds instead of the seeds": Case(
+        lambda _: run_seeds({"alone": lambda seed: None}, seeds=3), TypeError, "got 3", "seeds=range(3)"
+    ),
+    "run_seeds: a seed twice": Case(
+        lambda _: run_seeds({"alone": lambda seed: None}, seeds=(0, 0, 1)),
+        ValueError,
+        "got (0, 0, 1)",
+        "Remove the repeats of [0]",
+    ),
+    "run_seeds: a run instead of a function of the seed": Case(
+        lambda _: run_seeds({"alone": 0.5}, seeds=(0,)), TypeError, "got a float", "lambda seed:"
+    ),
+    "run_seeds: a function that returns no StudentRun": Case(
+        lambda _: run_seeds({"alone": lambda seed: {"accuracy": 90}}, seeds=(0,), progress=False),
+        TypeError,
+        "returned a dict",
+        "lambda seed: train_student(..., seed=seed)",
+    ),
+    "TeacherOutputCache: no memory": Case(
+        lambda _: TeacherOutputCache(max_megabytes=0), ValueError, "got 0", "e.g. 2048"
+    ),
+    "TeacherOutputCache: a DataLoader instead of a TensorLoader": Case(
+        lambda _: TeacherOutputCache().for_loader(
+            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8)))
+        ),
+        TypeError,
+        "got a DataLoader",
+        "TensorLoader(splits.train, 128, train=True",
+    ),
+    # ---------------------------------------------------------------------- experiments: comparisons
+    "best_on_validation: an empty sweep": Case(
+        lambda _: best_on_validation(pd.DataFrame(), "method", "weight"),
+        ValueError,
+        "got an empty table",
+        "Run the experiment first",
+    ),
+    "best_on_validation: a column the runs lack": Case(
+        lambda _: best_on_validation(runs_table({"KD": [0]}), ["T", "alpha"], "temperature"),
+        ValueError,
+        "a table without ['T', 'alpha']",
+        "name the columns to use",
+    ),
+    "compare: a NaN accuracy not flagged as failed": Case(
+        lambda _: compare(with_nan(runs_table({"alone": [0, 1, 2], "KD": [0, 1, 2]}), "KD", 1), "alone"),
+        ValueError,
+        "nan in 1 run(s) of 'KD' (seed(s) [1]), not flagged as failed",
+        "runs.dropna(subset=['accuracy'])",
+    ),
+    "compare: two methods that share no seed": Case(
+        lambda _: compare(runs_table({"alone": [0, 1, 2], "KD": [3, 4, 5]}), "alone"),
+        ValueError,
+        "no seed in common: 'KD' ran seeds [3, 4, 5], 'alone' ran [0, 1, 2]",
+        "Run both with the same seeds",
+    ),
+    "compare: a table holding two stages": Case(
+        lambda _: compare(two_stages(), "student alone"),
+        ValueError,
+        "seed 0 of 'student alone' 2 times",
+        "runs[runs['stage'] == 'final']",
+    ),
+    "compare: a confidence in percent": Case(
+        lambda _: compare(runs_table({"alone": [0, 1], "KD": [0, 1]}), "alone", confidence=95),
+        ValueError,
+        "got 95",
+        "0.95 for a 95 % interval",
+    ),
+    "compare: accuracies as text": Case(
+        lambda _: compare(runs_table({"alone": [0], "KD": [0]}).astype({"accuracy": str}), "alone"),
+        TypeError,
+        "values such as '80.0'",
+        "pd.to_numeric",
+    ),
+    "compare: one method name as a string": Case(
+        lambda _: compare(runs_table({"alone": [0, 1], "KD": [0, 1]}), "alone", methods="KD"),
+        TypeError,
+        "got 'KD'",
+        "Use ['KD']",
+    ),
+    "paired_interval: a NaN difference": Case(
+        lambda _: paired_interval([1.0, float("nan"), 2.0]), ValueError, "got nan", "leave failed runs out"
+    ),
+    # -------------------------------------------------------------------------- results files
+    "write_results: a table without the accuracy column": Case(
+        lambda tmp: write_results(runs_table({"KD": [0]}).drop(columns="accuracy"), tmp / "r", {}),
+        ValueError,
+        "a table without ['accuracy']",
+        "the table run_seeds returned",
+    ),
+    "write_results: into a file instead of a folder": Case(
+        lambda tmp: write_results(runs_table({"KD": [0]}), a_file(tmp) / "hinton", {}),
+        NotADirectoryError,
+        "results.txt' (a file)",
+        "Choose a folder you can write",
+    ),
+    "read_results: a table cut off mid-row": Case(
+        lambda tmp: read_results(edited(tmp, lambda text: text[: len(text) - 20])),
+        ResultsFileError,
+        "where its header has 9 (its last line: the file was cut short",
+        "Regenerate it: python -m kdbook_utils run hinton",
+    ),
+    "read_results: re-saved by a spreadsheet with ';'": Case(
+        lambda tmp: read_results(edited(tmp, spreadsheet)),
+        ResultsFileError,
+        "is separated by ';', not by commas",
+        "save it from the spreadsheet as comma-separated CSV",
+    ),
+    "read_results: an accuracy typed as 81.0%": Case(
+        lambda tmp: read_results(edited(tmp, percent)),
+        ResultsFileError,
+        "has accuracy '80.0%' on line 2",
+        "Regenerate it",
+    ),
+    "read_results: a column removed by hand": Case(
+        lambda tmp: read_results(
+            edited(
+                tmp,
+                lambda text: (
+                    "\n".join(
+                        ",".join(line.split(",")[:7] + line.split(",")[8:]) for line in text.splitlines()
+                    )
+                    + "\n"
+                ),
+            )
+        ),
+        ResultsFileError,
+        "lacks the columns ['seconds']",
+        "Regenerate it",
+    ),
+    "read_results: a column added by hand": Case(
+        lambda tmp: read_results(
+            edited(
+                tmp,
+                lambda text: (
+                    "\n".join(
+                        line + ("," + ("note" if i == 0 else "ok"))
+                        for i, line in enumerate(text.splitlines())
+                    )
+                    + "\n"
+                ),
+            )
+        ),
+        ResultsFileError,
+        "(extra: ['note'])",
+        "Regenerate it",
+    ),
+    "read_results: a value changed by hand": Case(
+        lambda tmp: read_results(edited(tmp, lambda text: text.replace("80.0", "99.0", 1))),
+        ResultsFileError,
+        "does not match its provenance",
+        "Regenerate it",
+    ),
+    "read_results: provenance cut short": Case(
+        lambda tmp: read_results(edited(tmp, lambda text: text, meta=lambda text: text[:40])),
+        ResultsFileError,
+        "hinton.json is not valid JSON",
+        "Regenerate the results",
+    ),
+    # ------------------------------------------------------------------------------------- records
+    "record: a misspelled lesson": Case(
+        lambda tmp: record("hintn", "smoke", folder=tmp), ValueError, "got 'hintn'", "Did you mean 'hinton'"
+    ),
+    "record: a preset renamed with replace(name=...)": Case(
+        lambda tmp: record("hinton", get_preset("smoke").replace(name="mine"), folder=tmp),
+        ValueError,
+        "'mine' (a preset renamed with replace(name=...)",
+        "pass settings=",
+    ),
+    "record: another lesson's settings": Case(
+        lambda tmp: record("hinton", "smoke", folder=tmp, settings=LSL_SETTINGS["smoke"]),
+        TypeError,
+        "got a LSLLesson",
+        "dataclasses.replace",
+    ),
+    "record: a results folder that is a file": Case(
+        lambda tmp: record("hinton", "smoke", folder=a_file(tmp)),
+        NotADirectoryError,
+        "results.txt, which is a file",
+        "Choose a folder you can write",
+    ),
+    "check_recorded: a preset the lesson has no settings for": Case(
+        lambda _: check_recorded("hinton", "lap"), ValueError, "got 'lap'", "Did you mean 'lab'"
+    ),
+    "recorded_comparison: a misspelled stage": Case(
+        lambda _: recorded_comparison("hinton", stage="fnal"),
+        ValueError,
+        "no stage 'fnal'",
+        "Did you mean 'final'",
+    ),
+    # -------------------------------------------------------------------------------- command line
+    "command line: --out naming a file (refused before training)": Case(
+        lambda tmp: command_line("run", "hinton", "--out", str(a_file(tmp))),
+        CommandLineError,
+        "results.txt/quick' (inside",
+        "Choose a folder you can write",
+    ),
+    "command line: --set a student the lesson lacks": Case(
+        lambda _: command_line("run", "hinton", "--set", "student=cnn-4x32"),
+        CommandLineError,
+        "has no student 'cnn-4x32'",
+        "Did you mean 'cnn-3x32'",
+    ),
+    "command line: --set a teacher that is not a model": Case(
+        lambda _: command_line("run", "mskd", "--set", "teacher=ResNet20"),
+        CommandLineError,
+        "has no teacher 'ResNet20'",
+        "Did you mean 'resnet20'",
+    ),
+    "command line: --set several values with spaces": Case(
+        lambda _: command_line("run", "hinton", "--set", "temperatures=4", "8"),
+        CommandLineError,
+        "--set temperatures=4 8:",
+        "--set temperatures=4,8",
+    ),
+    "command line: --set several values with spaces, quoted": Case(
+        lambda _: command_line("run", "hinton", "--set", "temperatures=4 8"),
+        CommandLineError,
+        "temperatures takes one value",
+        "--set temperatures=4,8",
+    ),
+    "command line: --set a learning rate of 0": Case(
+        lambda _: command_line("run", "hinton", "--set", "lr=0"),
+        CommandLineError,
+        "got 0.0",
+        "own value is 0.05",
+    ),
+    "command line: --set a Hinton weight above 1": Case(
+        lambda _: command_line("run", "hinton", "--set", "alphas=0.5,1.5"),
+        CommandLineError,
+        "got (0.5, 1.5)",
+        "--set alphas=0.1,0.5",
+    ),
+    "command line: --set a field twice": Case(
+        lambda _: command_line("run", "hinton", "--set", "epochs=5", "--set", "epochs=6"),
+        CommandLineError,
+        "--set epochs=5 and --set epochs=6",
+        "keep one",
+    ),
+    "command line: an unknown preset in KDBOOK_PRESET": Case(
+        lambda _: command_line("run", "hinton", KDBOOK_PRESET="smok"),
+        CommandLineError,
+        "'smok' (from $KDBOOK_PRESET)",
+        "Did you mean 'smoke'",
+    ),
+    "command line: record with another preset in KDBOOK_PRESET": Case(
+        lambda _: command_line("record", "hinton", KDBOOK_PRESET="quick"),
+        CommandLineError,
+        "$KDBOOK_PRESET is 'quick'",
+        "--preset quick or --preset lab",
+    ),
+    "command line: --data at the cifar-10-batches-py folder itself": Case(
+        lambda tmp: command_line(
+            "run", "hinton", "--preset", "lab", "--data", str(cifar_folder(tmp, b"") / "cifar-10-batches-py")
+        ),
+        CommandLineError,
+        "cifar-10-batches-py is torchvision's cifar-10-batches-py folder itself",
+        "Point at its parent: --data",
+    ),
+    "command line: show a results file with 81.0%": Case(
+        lambda tmp: command_line("show", str(edited(tmp, percent).with_suffix(".csv"))),
+        CommandLineError,
+        "accuracy '80.0%' on line 2",
+        "Regenerate it",
+    ),
 }
 
 
@@ -449,5 +1014,5 @@ def test_bad_input_gets_a_clear_error(name: str, tmp_path: Path) -> None:
 
 
 def test_enough_cases() -> None:
-    assert len(CASES) >= 30
+    assert len(CASES) >= 100
     plt.close("all")

@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,50 @@ def test_overrides_keep_the_settings_types() -> None:
     assert changed.temperatures == (2, 8) and changed.seeds == (7,)
     assert cli._override(settings, "student=cnn-2x16").student == "cnn-2x16"
     assert cli._override(settings, "lr=0.1").lr == 0.1
+
+
+def test_several_values_are_written_with_commas_or_by_repeating_set() -> None:
+    settings = LESSONS["hinton"].settings["quick"]
+    assert cli._apply_overrides("hinton", settings, ["temperatures=4,8"]).temperatures == (4.0, 8.0)
+    repeated = cli._apply_overrides("hinton", settings, ["temperatures=4", "temperatures=8", "epochs=3"])
+    assert repeated.temperatures == (4.0, 8.0) and repeated.epochs == 3
+    assert cli._apply_overrides("hinton", settings, ["students=cnn-1x8,cnn-3x32"]).students == (
+        "cnn-1x8",
+        "cnn-3x32",
+    )
+    assert cli._apply_overrides("hinton", settings, ["student_images=None"]).student_images is None
+
+
+def test_the_preset_comes_from_kdbook_preset_unless_given(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KDBOOK_PRESET", "lab")
+    status, _, err = run_cli("run", "hinton", "--data", "/no/such/folder", capsys=capsys)
+    assert status == 2 and "Preset lab (from $KDBOOK_PRESET)" in err and "holds cifar10" in err
+    status, _, err = run_cli("run", "hinton", "--preset", "paper", "--data", "/no/such/folder", capsys=capsys)
+    assert (
+        status == 2 and "--preset paper is used; $KDBOOK_PRESET=lab is ignored" in err and "cifar100" in err
+    )
+
+
+def test_bad_arguments_are_refused_before_anything_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KDBOOK_CACHE", str(cache))
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    started = time.perf_counter()
+    for argv in (["--out", str(a_file)], ["--set", "student=cnn-4x32"], ["--set", "temperatures=4", "8"],
+                 ["--set", "alphas=2"], ["--set", "seeds=0,0"]):  # fmt: skip
+        status, out, err = run_cli("run", "hinton", "--preset", "smoke", *argv, capsys=capsys)
+        assert status == 2 and out == "" and "error:" in err, argv
+    assert not list(cache.rglob("*.pt")), "no model was trained"
+    assert time.perf_counter() - started < 30
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    status, _, _ = run_cli("run", "hinton", "--preset", "lab", "--data", "empty", capsys=capsys)
+    assert status == 2 and not (tmp_path / "results").exists(), "a refused run leaves no folder behind"
 
 
 @pytest.mark.parametrize("lesson", list(LESSONS))

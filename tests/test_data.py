@@ -595,3 +595,18 @@ def test_real_cifar10_test_split_through_the_image_folder_path(cifar10_root: Pat
     assert test.class_counts().tolist() == [1000] * 10
     mean = (test.images.double() / 255).mean(dim=(0, 2, 3))
     assert mean.tolist() == pytest.approx(data.CIFAR10_MEAN, abs=0.01)  # test pixels: near the train mean
+
+
+def test_the_digest_follows_in_place_changes_and_new_tensors() -> None:
+    dataset = load_dataset("digits", "test", subset=50, seed=0)
+    first = dataset.digest()
+    assert dataset.digest() == first
+    dataset.images[3, 0, 0, 0] += 1  # in place: the version counter moves
+    changed = dataset.digest()
+    assert changed != first
+    dataset.images[3, 0, 0, 0] -= 1
+    assert dataset.digest() == first, "the digest is of the values, so the same pixels give it back"
+    dataset.labels = dataset.labels.flip(0)  # another tensor
+    assert dataset.digest() not in (first, changed)
+    loader = TensorLoader(dataset, 16, train=False)
+    assert f"data={dataset.digest()}" in loader.fingerprint

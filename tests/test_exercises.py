@@ -20,9 +20,10 @@ import torch
 from torch.nn import functional as F
 
 from kdbook_utils.exercises import CheckResult
-from kdbook_utils.exercises.crosslayer import check_cross_two_layers, check_fsp_matrix
+from kdbook_utils.exercises.crosslayer import check_ablation_row, check_fsp_matrix
+from kdbook_utils.lessons.crosslayer import P1_P2, STUDENT_ALONE, ablation_grid, unique_settings
 from kdbook_utils.exercises.hinton import check_fewer_images, check_high_temperature_limit, check_kd_loss
-from kdbook_utils.exercises.lsl import check_bindings, check_inter_class_gram
+from kdbook_utils.exercises.lsl import LSP_LABEL, OWN_LABEL, check_inter_class_gram, check_own_bindings
 from kdbook_utils.exercises.mskd import check_exit_loss, check_threshold_for_budget
 from kdbook_utils.exercises.result import Exercise
 
@@ -278,76 +279,64 @@ def lsp_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
 LSP_BINDINGS = [("conv4", "conv2"), ("conv5", "conv3"), ("fc1", "fc1")]
 
 
-def test_check_bindings_accepts_lsps_choice_and_shows_the_scores(lsp_tables: tuple) -> None:
-    teacher, student = lsp_tables
-    why = "Teacher conv4 (LSP 0.90), conv5 and fc1 (0.80) have the lowest scores: diverse, well separated."
-    result = assert_result(check_bindings(LSP_BINDINGS, teacher, student, why), "correct", "rubric")
-    assert list(result.table["teacher"]) == ["conv4", "conv5", "fc1"]
-    assert list(result.table["student LSP"]) == [1.0, 0.7, 0.9]
-    assert "0.90, 0.80" in result.feedback  # the quoted scores were checked against the table
-    # Order in the list, the case of the names and tuples-or-lists do not matter.
-    shuffled = [["FC1", "fc1"], ("conv4", "Conv2"), ("conv5", "conv3")]
-    assert_result(check_bindings(shuffled, teacher, student, why), "correct")
+def binding_runs(gain: float, seeds: int = 3) -> pd.DataFrame:
+    rows = []
+    for seed in range(seeds):
+        for method, accuracy in ((LSP_LABEL, 70.0 + seed), (OWN_LABEL, 70.0 + seed + gain + 0.2 * seed)):
+            rows.append({"method": method, "seed": seed, "split": "test", "output": "final", "accuracy": accuracy,
+                         "failed": ""})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
-def test_check_bindings_never_counts_words_and_leaves_the_reasoning_to_the_rubric(lsp_tables: tuple) -> None:
-    teacher, student = lsp_tables
-    assert_result(check_bindings(LSP_BINDINGS, teacher, student, "lowest"), "correct", "rubric")
-    empty = assert_result(check_bindings(LSP_BINDINGS, teacher, student, "  "), "correct", "rubric")
-    assert "write your justification" in empty.feedback
+MINE = [("conv3", "conv2"), ("conv4", "conv3")]
+WHY = "My bindings were -2.8 points against LSP's: worse, as I predicted, because they skip the FC layers."
 
 
-@pytest.mark.parametrize(
-    ("bindings", "hint"),
-    [
-        ([("conv2", "conv3")], "lowest-scoring"),
-        ([("fc1", "conv3"), ("conv4", "fc1")], "cross"),
-        ([("conv9", "conv3")], "conv9"),
-        ([("conv4", "conv2"), ("conv4", "conv3")], "bound once"),
-        ([("conv4", "conv2")] * 2 + [("conv5", "conv3"), ("fc1", "fc1")], "one to three"),
-        ([("conv4", "conv2", "fc1")], "each a pair"),
-        ("conv4->conv2", "not one string"),
-        (42, "list of (teacher_layer, student_layer) pairs"),
-    ],
-)
-def test_check_bindings_names_each_known_mistake(lsp_tables: tuple, bindings: Any, hint: str) -> None:
-    teacher, student = lsp_tables
-    assert_result(check_bindings(bindings, teacher, student, "lowest scores"), "incorrect", hint)
-
-
-def test_check_bindings_k1_uses_the_single_lowest_layers(lsp_tables: tuple) -> None:
-    teacher, student = lsp_tables
-    assert_result(check_bindings([("fc1", "conv3")], teacher, student, ""), "correct")
-    assert_result(check_bindings([("fc1", "fc1")], teacher, student, ""), "incorrect", "student ['conv3']")
+def test_check_own_bindings_accepts_an_experiment_that_follows_from_its_runs(lsp_tables: tuple) -> None:
+    runs = binding_runs(-3.0)
+    assert_result(check_own_bindings(MINE, LSP_BINDINGS, runs, "worse", "worse", WHY, *lsp_tables), "correct",
+                  "3 paired seeds")  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("justification", "hint"),
+    ("bindings", "verdict", "explanation", "hint"),
     [
-        ("conv7 has the lowest score", "conv7, which no LSP table scores"),
-        ("fc2 scores too high to be useful", "talks about fc2 only"),
-        ("conv4 has LSP 0.95, the lowest", "quotes 0.95, which is no score"),
+        (LSP_BINDINGS, "worse", WHY, "LSP's own bindings"),
+        ([("conv9", "conv3")], "worse", WHY, "'conv9' is not a scored teacher layer"),
+        ([("conv4", "conv7")], "worse", WHY, "'conv7' is not a scored student layer"),
+        ([("conv4", "conv2", "fc1")], "worse", WHY, "is not a (teacher layer, student layer) pair"),
+        ([("conv4", "conv2"), ("conv4", "conv2")], "worse", WHY, "appears twice"),
+        (MINE, "better", WHY, "does not follow from your comparison"),
+        (MINE, "same", WHY, "one of the three words"),
+        (MINE, "worse", "Mine were worse.", "Quote your run's own mean paired difference"),
     ],
 )
-def test_check_bindings_verifies_the_layers_and_scores_a_justification_quotes(
-    lsp_tables: tuple, justification: str, hint: str
+def test_check_own_bindings_names_each_mistake(
+    lsp_tables: tuple, bindings: Any, verdict: str, explanation: str, hint: str
 ) -> None:
-    teacher, student = lsp_tables
-    result = assert_result(check_bindings(LSP_BINDINGS, teacher, student, justification), "incorrect", hint)
-    assert "The bindings are right" in result.feedback
+    result = assert_result(
+        check_own_bindings(bindings, LSP_BINDINGS, binding_runs(-3.0), "worse", verdict, explanation, *lsp_tables),
+        "incorrect", hint,
+    )  # fmt: skip
+    assert "better" not in result.feedback.replace("better, worse", ""), "never the verdict itself"
 
 
-def test_check_bindings_accepts_rounded_or_cut_scores_and_ignores_percentages(lsp_tables: tuple) -> None:
-    teacher, student = lsp_tables
-    # G_diversity 0.512 quoted as 0.51; H_class 0.688 as 0.69 (rounded) and 0.68 (cut); accuracies in %.
-    why = "conv4 and fc1: G 0.51, H 0.69 or 0.68; the student reached 93.75 % (section 4.3)."
-    assert_result(check_bindings(LSP_BINDINGS, teacher, student, why), "correct")
+def test_check_own_bindings_needs_both_jobs_over_two_seeds(lsp_tables: tuple) -> None:
+    one_seed = binding_runs(-3.0, seeds=1)
+    assert_result(check_own_bindings(MINE, LSP_BINDINGS, one_seed, "worse", "worse", WHY, *lsp_tables),
+                  "incorrect", "One seed")  # fmt: skip
+    only_lsp = binding_runs(-3.0)[lambda t: t["method"] == LSP_LABEL]
+    assert_result(check_own_bindings(MINE, LSP_BINDINGS, only_lsp, "worse", "worse", WHY, *lsp_tables),
+                  "incorrect", "no rows of")  # fmt: skip
 
 
 @pytest.mark.parametrize("unfinished", [None, ..., []])
-def test_check_bindings_reports_unset_bindings_as_not_done(lsp_tables: tuple, unfinished: Any) -> None:
-    teacher, student = lsp_tables
-    assert_result(check_bindings(unfinished, teacher, student, ""), "not done")
+def test_check_own_bindings_reports_unset_bindings_as_not_done(lsp_tables: tuple, unfinished: Any) -> None:
+    result = check_own_bindings(unfinished, LSP_BINDINGS, None, "", "", "", *lsp_tables)
+    assert result.status in ("not done", "incorrect") and not result.passed
+    assert_result(check_own_bindings(None, LSP_BINDINGS, None, "", "", "", *lsp_tables), "not done")
+    assert_result(check_own_bindings(MINE, LSP_BINDINGS, binding_runs(-3.0), "", "worse", WHY, *lsp_tables),
+                  "not done", "prediction")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- lesson 3: cross-layer
@@ -384,41 +373,49 @@ def test_check_fsp_matrix_reports_an_unfinished_answer_as_not_done(stub: Callabl
     assert_result(check_fsp_matrix(stub), "not done")
 
 
-CROSS_TWO = [
-    ("stem", "stage1"),
-    ("stage1", "stage2"),
-    ("stage2", "stage3"),
-    ("stem", "stage2"),
-    ("stage1", "stage3"),
-]
+GRID = [setting.label for setting in unique_settings(ablation_grid())]
+MY_ROW = P1_P2.replace(k=2, num_teachers=3)
+ROW_WHY = "My row gave +2.1 points over the student alone, better, as I predicted."
 
 
-def test_check_cross_two_layers_accepts_the_cumulative_pairs_in_any_order() -> None:
-    assert_result(check_cross_two_layers(CROSS_TWO), "correct", "5 pairs")
-    assert_result(check_cross_two_layers(list(reversed(CROSS_TWO))), "correct")
-    assert_result(check_cross_two_layers([list(pair) for pair in CROSS_TWO]), "correct")
+def row_runs(gain: float, seeds: int = 3) -> pd.DataFrame:
+    rows = []
+    for seed in range(seeds):
+        for method, accuracy in ((STUDENT_ALONE.label, 60.0 + seed), (MY_ROW.label, 60.0 + seed + gain + 0.1 * seed)):
+            rows.append({"method": method, "seed": seed, "split": "test", "output": "final", "accuracy": accuracy,
+                         "failed": ""})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_check_ablation_row_accepts_a_new_row_whose_report_follows_from_its_runs() -> None:
+    assert_result(check_ablation_row(MY_ROW, GRID, row_runs(2.0), "better", "better", ROW_WHY, STUDENT_ALONE.label),
+                  "correct")  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("pairs", "hint"),
+    ("row", "verdict", "explanation", "hint"),
     [
-        ([("stem", "stage2"), ("stage1", "stage3")], "'exact' reading"),
-        (CROSS_TWO[:-1], "Missing [('stage1', 'stage3')]"),
-        (CROSS_TWO + [("stem", "stage3")], "not part of it [('stem', 'stage3')]"),
-        ([("stage2", "stem")], "forward order"),
-        ([("conv1", "stage1")], "Unknown checkpoint"),
-        ([("stem", "stage1", "stage2")], "exactly two"),
-        ("stem-stage1", "list of (earlier, later) pairs"),
-        (7, "list of (earlier, later) pairs"),
+        (P1_P2, "better", ROW_WHY, "already a row"),
+        (STUDENT_ALONE, "better", ROW_WHY, "no teacher"),
+        ("cross-2 + KL", "better", ROW_WHY, "must be an Ablation"),
+        (MY_ROW, "worse", ROW_WHY, "does not follow from your comparison"),
+        (MY_ROW, "better", "It helped.", "Quote your run's own mean paired difference"),
     ],
 )
-def test_check_cross_two_layers_names_each_known_mistake(pairs: Any, hint: str) -> None:
-    assert_result(check_cross_two_layers(pairs), "incorrect", hint)
+def test_check_ablation_row_names_each_mistake(row: Any, verdict: str, explanation: str, hint: str) -> None:
+    result = assert_result(
+        check_ablation_row(row, GRID, row_runs(2.0), "better", verdict, explanation, STUDENT_ALONE.label),
+        "incorrect", hint,
+    )  # fmt: skip
+    assert "better" not in result.feedback.replace("better, worse", ""), "never the verdict itself"
 
 
-@pytest.mark.parametrize("unfinished", [None, ..., []])
-def test_check_cross_two_layers_reports_no_pairs_as_not_done(unfinished: Any) -> None:
-    assert_result(check_cross_two_layers(unfinished), "not done")
+def test_check_ablation_row_reports_unfinished_work_as_not_done() -> None:
+    assert_result(check_ablation_row(None, GRID, None, "", "", "", STUDENT_ALONE.label), "not done")
+    assert_result(check_ablation_row(MY_ROW, GRID, row_runs(2.0), "", "better", ROW_WHY, STUDENT_ALONE.label),
+                  "not done", "prediction")  # fmt: skip
+    assert_result(check_ablation_row(MY_ROW, GRID, row_runs(2.0), "better", "", "", STUDENT_ALONE.label),
+                  "not done", "verdict")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ lesson 4: MSKD
@@ -481,9 +478,10 @@ def test_check_threshold_for_budget() -> None:
     assert_result(check_threshold_for_budget(0.9, exits, labels, macs, 20.0e6), "correct")  # half leave early
     assert_result(check_threshold_for_budget(1.01, exits, labels, macs, 20.0e6), "incorrect", "Over budget")
     assert_result(check_threshold_for_budget(0.0, exits, labels, macs, 12.0e6), "correct")  # only exit 1 fits
-    assert_result(
-        check_threshold_for_budget(0.0, exits, labels, macs, 30.0e6), "incorrect", "try a higher threshold"
+    not_best = assert_result(
+        check_threshold_for_budget(0.0, exits, labels, macs, 30.0e6), "incorrect", "finer grid of thresholds"
     )
+    assert "1.01" not in not_best.feedback and "1.0" not in not_best.feedback.replace("0.0", ""), "no answer given"
     assert_result(
         check_threshold_for_budget(0.5, exits, labels, macs, 5.0e6), "incorrect", "No threshold meets"
     )
@@ -492,6 +490,18 @@ def test_check_threshold_for_budget() -> None:
     assert_result(check_threshold_for_budget(np.float32(0.9), exits, labels, macs, 20.0e6), "correct")
     assert_result(check_threshold_for_budget(float("nan"), exits, labels, macs, 30.0e6), "incorrect", "NaN")
     assert_result(check_threshold_for_budget(None, exits, labels, macs, 30.0e6), "not done")
+
+
+def test_check_threshold_for_budget_checks_the_reported_test_measurement() -> None:
+    exits, labels = hand_made_exits()
+    macs = [10.0e6, 25.0e6]
+    test = {"test_logits": exits, "test_labels": labels}
+    assert_result(check_threshold_for_budget(0.9, exits, labels, macs, 20.0e6, **test), "not done", "MY_TEST")
+    right = {"reported_accuracy": 100.0, "reported_macs": 17.5e6}  # images 0-1 leave at exit 1, 2-3 at exit 2
+    assert_result(check_threshold_for_budget(0.9, exits, labels, macs, 20.0e6, **test, **right), "correct")
+    wrong = {"reported_accuracy": 75.0, "reported_macs": 17.5e6}
+    assert_result(check_threshold_for_budget(0.9, exits, labels, macs, 20.0e6, **test, **wrong), "incorrect",
+                  "not what your threshold gives")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- never raises, anywhere
@@ -524,8 +534,8 @@ def _checks(answer: Any, tables: tuple[pd.DataFrame, pd.DataFrame]) -> dict[str,
         "exit_loss": lambda: check_exit_loss(answer),
         "high_temperature": lambda: check_high_temperature_limit(answer),
         "fewer_images": lambda: check_fewer_images(answer, answer, answer, answer, answer, 300),
-        "bindings": lambda: check_bindings(answer, *tables, answer),
-        "cross_two_layers": lambda: check_cross_two_layers(answer),
+        "bindings": lambda: check_own_bindings(answer, LSP_BINDINGS, answer, answer, answer, answer, *tables),
+        "ablation_row": lambda: check_ablation_row(answer, GRID, answer, answer, answer, answer, "student alone"),
         "threshold": lambda: check_threshold_for_budget(answer, exits, labels, [1.0, 2.0], 3.0),
     }
 

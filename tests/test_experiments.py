@@ -4,6 +4,11 @@ comparison that tells a gain from seed noise."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,7 @@ from torch import nn
 import kdbook_utils.experiments as experiments_module
 from kdbook_utils.data import DataSplits, TensorLoader, load_dataset
 from kdbook_utils.experiments import (
+    ResultsFileError,
     TeacherCacheMismatch,
     TeacherOutputCache,
     cached_adapted_teacher,
@@ -22,8 +28,10 @@ from kdbook_utils.experiments import (
     cached_teacher_exits,
     compare,
     paired_interval,
+    read_results,
     run_seeds,
     train_student,
+    write_results,
 )
 from kdbook_utils.methods.crosslayer import CrossLayerDistiller
 from kdbook_utils.methods.hinton import HintonKD
@@ -32,6 +40,8 @@ from kdbook_utils.models import create_model
 from kdbook_utils.models.multi_exit import MultiExit
 from kdbook_utils.presets import get_preset
 from kdbook_utils.train import fit, seed_everything
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -381,3 +391,232 @@ def test_seeding_makes_paired_runs_see_the_same_batches(splits: DataSplits) -> N
         seed_everything(7)
         seen[name] = [labels.clone() for _, labels in loader]
     assert all(torch.equal(a, b) for a, b in zip(seen["a"], seen["b"]))
+
+
+# ------------------------------------------------------------------------ the cache, correct by construction
+
+
+def test_the_cache_refreshes_when_the_teachers_weights_are_replaced(splits: DataSplits) -> None:
+    for augment in (False, True):
+        teacher = tiny_cnn(0).eval()
+        counter = ForwardCounter(teacher)
+        cache = TeacherOutputCache()
+        kd_student(splits, teacher, cache, augment=augment)
+        passes = counter.count
+        teacher.load_state_dict(tiny_cnn(1).state_dict())  # another teacher's weights, in place
+        with_cache = kd_student(splits, teacher, cache, augment=augment)
+        assert counter.count == 2 * passes, "every batch must run the new teacher, none served from the old"
+        assert cache.dropped > 0, "the old teacher's outputs are dropped, not kept taking memory"
+        without = kd_student(splits, teacher, None, augment=augment)
+        for name, tensor in with_cache.state_dict().items():
+            assert torch.equal(tensor, without.state_dict()[name]), name
+
+
+def test_the_cache_refreshes_when_the_training_images_change_in_place(splits: DataSplits) -> None:
+    train = load_dataset("digits", "train", subset=96, seed=0).resized(16)
+    changed = DataSplits(train, splits.val, splits.test)
+    teacher = tiny_cnn(0).eval()
+    counter = ForwardCounter(teacher)
+    cache = TeacherOutputCache()
+    kd_student(changed, teacher, cache, augment=False)
+    passes = counter.count
+    train.images[:10] = 255 - train.images[:10]  # edited in place: the same tensor, other pixels
+    kd_student(changed, teacher, cache, augment=False)
+    assert counter.count == 2 * passes
+    kd_student(changed, teacher, cache, augment=False)  # unchanged since: served from the cache
+    assert counter.count == 2 * passes
+
+
+def test_outputs_computed_in_another_precision_are_other_entries(splits: DataSplits) -> None:
+    teacher = tiny_cnn(0).eval()
+    counter = ForwardCounter(teacher)
+    loader = TensorLoader(splits.train, 32, train=True, augment=False, seed=0)
+    view = TeacherOutputCache().for_loader(loader)
+    images, labels = next(iter(loader.epoch_batches(0)))
+    float32 = view.outputs(teacher, images, labels, (), 0, 0)
+    assert counter.count == 1 and torch.equal(
+        view.outputs(teacher, images, labels, (), 0, 0).logits, float32.logits
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bfloat16 = view.outputs(teacher, images, labels, (), 0, 0)
+    assert counter.count == 2, "bfloat16 outputs are not served from float32 ones"
+    assert not torch.equal(bfloat16.logits, float32.logits)
+    assert counter.count == 2 and view.cache.hits == 1
+
+
+def test_weight_checks_cost_little_next_to_a_teacher_pass(splits: DataSplits) -> None:
+    teacher = create_model("resnet20", 10).eval()
+    loader = TensorLoader(splits.train, 32, train=True, augment=False, seed=0)
+    view = TeacherOutputCache().for_loader(loader)
+    images, labels = next(iter(loader.epoch_batches(0)))
+    started = time.perf_counter()
+    view.outputs(teacher, images, labels, (), 0, 0)  # the pass, and the weights' hash once
+    miss = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(5):
+        view.outputs(teacher, images, labels, (), 0, 0)
+    hit = (time.perf_counter() - started) / 5
+    assert view.cache.hits == 5 and hit < miss / 3, (hit, miss)
+
+
+# -------------------------------------------------------------------------- comparisons refuse, not guess
+
+
+def test_too_few_paired_seeds_say_how_many_were_paired() -> None:
+    runs = synthetic_runs({"helps": 3.0}, seeds=3, noise=0.5)
+    runs.loc[(runs["method"] == "helps") & (runs["seed"] < 2), "failed"] = "non-finite loss"
+    one = compare(runs, "alone")
+    assert one.verdict("helps") == "no verdict" and one.table.loc["helps", "seeds"] == 1
+    assert "1 paired seed" in one.sentence("helps")
+    runs.loc[(runs["method"] == "alone") & (runs["seed"] == 2), "failed"] = "non-finite loss"
+    none = compare(runs, "alone")
+    assert none.table.loc["helps", "seeds"] == 0 and "no seed on which both ran" in none.sentence("helps")
+
+
+def test_an_inconclusive_sentence_says_the_interval_contains_zero_and_its_width() -> None:
+    comparison = compare(synthetic_runs({"same": 0.0}, seeds=5, noise=0.5), "alone")
+    row = comparison.table.loc["same"]
+    assert row["verdict"] == "inconclusive" and row["ci_low"] < 0 < row["ci_high"]
+    width = f"{row['ci_high'] - row['ci_low']:.1f} points wide, contains zero"
+    assert f"**inconclusive: the interval, {width}" in comparison.sentence("same")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda runs: runs.assign(accuracy=runs["accuracy"].where(runs["seed"] != 1)),
+            "not flagged as failed",
+        ),
+        (lambda runs: pd.concat([runs, runs.assign(stage="sweep")]), "several stages"),
+        (lambda runs: runs.assign(seed=runs["seed"] + 10 * (runs["method"] == "helps")), "no seed in common"),
+    ],
+)
+def test_compare_refuses_what_it_cannot_judge(change, message: str) -> None:
+    runs = synthetic_runs({"helps": 3.0}, seeds=3, noise=0.5).assign(stage="final")
+    with pytest.raises(ValueError, match=message):
+        compare(change(runs), "alone")
+
+
+# -------------------------------------------------------------------------------------- results files
+
+
+def results(rows: int, accuracy: float) -> pd.DataFrame:
+    """A results table of ``rows`` runs, every accuracy ``accuracy`` (so a table read back names its write)."""
+    return pd.DataFrame({"lesson": "hinton", "stage": "final", "method": "KD", "seed": range(rows), "split": "test",
+                         "output": "final", "accuracy": accuracy, "seconds": 1.5, "failed": ""})  # fmt: skip
+
+
+def test_results_round_trip_with_provenance(tmp_path: Path) -> None:
+    runs = results(4, 81.25)
+    runs.loc[2, ["accuracy", "failed"]] = (math.nan, "non-finite loss (epoch 1, batch 2, term 'kd')")
+    write_results(runs, tmp_path / "lab" / "hinton", {"command": "python -m ..."})
+    back, provenance = read_results(tmp_path / "lab" / "hinton")
+    pd.testing.assert_frame_equal(back[runs.columns].fillna({"accuracy": -1}), runs.fillna({"accuracy": -1}),
+                                  check_dtype=False)  # fmt: skip
+    assert provenance["command"] == "python -m ..." and provenance["results_table"]["rows"] == 4
+    assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == [
+        "hinton.csv",
+        "hinton.json",
+    ]  # no temporaries
+
+
+def test_an_interrupted_write_leaves_the_old_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stem = tmp_path / "hinton"
+    write_results(results(3, 70.0), stem, {"run": "old"})
+    synced = []
+
+    def fail_at_the_second_file(
+        descriptor: int,
+    ) -> None:  # the table's temporary file is written, then the stop
+        synced.append(descriptor)
+        if len(synced) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", fail_at_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        write_results(results(3, 90.0), stem, {"run": "new"})
+    monkeypatch.undo()
+    runs, provenance = read_results(stem)
+    assert (runs["accuracy"] == 70.0).all() and provenance["run"] == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hinton.csv", "hinton.json"]
+
+
+def test_a_write_stopped_between_the_two_files_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stem = tmp_path / "hinton"
+    write_results(results(3, 70.0), stem, {"run": "old"})
+    replace = os.replace
+    calls = []
+
+    def stop_before_the_provenance(source: str, target: str) -> None:
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", stop_before_the_provenance)
+    with pytest.raises(KeyboardInterrupt):
+        write_results(results(3, 90.0), stem, {"run": "new"})
+    monkeypatch.undo()
+    with pytest.raises(ResultsFileError, match=r"hinton.csv does not match its provenance"):
+        read_results(stem)  # a new table with the old provenance is never shown as the old (or new) results
+
+
+WRITER = """
+import sys
+from pathlib import Path
+import pandas as pd
+from kdbook_utils.experiments import write_results
+
+stem, rows = Path(sys.argv[1]), int(sys.argv[2])
+for k in range(10**6):
+    table = pd.DataFrame({"lesson": "hinton", "stage": "final", "method": "KD", "seed": range(rows), "split": "test",
+                          "output": "final", "accuracy": float(k % 100), "seconds": 1.5, "failed": ""})
+    write_results(table, stem, {"write": k})
+    Path(str(stem) + ".done").write_text(str(k))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_killing_a_writer_mid_write_never_leaves_a_table_that_reads_back_wrong(tmp_path: Path) -> None:
+    """A writer rewriting a large results file is killed while one of its temporary files is on disk (no
+    Python cleanup runs, as in a power cut); each time the files read back as one complete write (the table
+    and its provenance agree), or are refused as mismatched: never a partial table."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    outcomes = []
+    for attempt in range(3):
+        folder = tmp_path / f"run{attempt}"
+        stem = folder / "hinton"
+        writer = subprocess.Popen([sys.executable, str(script), str(stem), "20000"], env=environment)
+        partial: list[Path] = []
+        try:
+            deadline = time.monotonic() + 180
+            while not partial and time.monotonic() < deadline:
+                assert writer.poll() is None, "the writer ended before it could be killed"
+                if Path(str(stem) + ".done").is_file():  # one whole write is there: now catch the next
+                    partial = list(folder.glob(".hinton.*.tmp"))
+                time.sleep(0.001)
+            assert partial, "never caught the writer with a temporary file on disk"
+            os.kill(writer.pid, signal.SIGKILL)
+            writer.wait(timeout=60)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+        assert writer.returncode == -signal.SIGKILL
+        try:
+            runs, provenance = read_results(stem)
+        except ResultsFileError as error:
+            assert "does not match its provenance" in str(error)
+            outcomes.append("refused")
+            continue
+        assert len(runs) == 20000 and runs["accuracy"].nunique() == 1
+        assert runs["accuracy"].iloc[0] == provenance["write"] % 100, (
+            "the table is the one its provenance names"
+        )
+        outcomes.append("complete")
+    assert "complete" in outcomes, outcomes

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from kdbook_utils.features import FeatureExtractor, layer_table
+from kdbook_utils.features import FeatureExtractor, TrainingModeFeaturesWarning, eval_mode, layer_table
 from kdbook_utils.metrics import count_parameters
 from kdbook_utils.models import create_model
 
@@ -68,8 +70,13 @@ def test_gradients_flow_unless_detached(images: torch.Tensor) -> None:
     features["stage2"].pow(2).mean().backward()
     assert model.stem.conv.weight.grad is not None and model.stem.conv.weight.grad.abs().sum() > 0
     assert model.stage3.get_submodule("0.conv1").weight.grad is None  # after stage2: no gradient
-    with FeatureExtractor(model, ["stage2"], detach=True) as extractor:
-        logits, features = extractor.forward_with_features(images)
+    with (
+        FeatureExtractor(model, ["stage2"], detach=True) as extractor,
+        pytest.warns(TrainingModeFeaturesWarning),
+    ):
+        logits, features = extractor.forward_with_features(
+            images
+        )  # read-only features of a training-mode model
     assert not features["stage2"].requires_grad
     assert logits.requires_grad  # detaching the features leaves the model's output alone
 
@@ -205,3 +212,29 @@ def test_layer_table() -> None:
     plain_table = layer_table(plain, (1, 1, 5, 5))
     assert list(plain_table["output_shape"]) == [(4, 3, 3), (36,)]
     assert not plain_table["feature_point"].any()
+
+
+def test_reading_features_in_training_mode_warns_once_and_training_on_them_does_not() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet8", 10)  # a fresh or loaded model is in training mode
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), FeatureExtractor(model, ["stage2"]) as extractor:
+        running_mean = model.stem.bn.running_mean.clone()
+        with pytest.warns(TrainingModeFeaturesWarning, match=r"Call model\.eval\(\) first") as caught:
+            in_training_mode = extractor(images)["stage2"]
+        assert len(caught) == 1
+        assert not torch.equal(model.stem.bn.running_mean, running_mean), "training mode changed the model"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per model
+            extractor(images)
+            with eval_mode(model):
+                in_eval_mode = extractor(images)["stage2"]
+    assert not torch.allclose(in_training_mode, in_eval_mode, atol=1e-3), (
+        "the warning is about a real difference"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        student = create_model("resnet8", 10).train()  # a method training on a student's features: no warning
+        FeatureExtractor(student, ["stage2"])(images)["stage2"].mean().backward()
+        with torch.no_grad():
+            FeatureExtractor(student.eval(), ["stage2"])(images)  # eval mode: nothing to warn about

@@ -1,4 +1,5 @@
-"""Exercises of lesson 3 (cross-layer FSP): compute an FSP matrix; predict the pairs of "cross two layers".
+"""Exercises of lesson 3 (cross-layer FSP): compute an FSP matrix; an experiment: an ablation row of your
+own, with its verdict against the student alone.
 
 Each check returns a :class:`~kdbook_utils.exercises.result.CheckResult` ("Correct.", "Not yet." with what
 is wrong and a hint, or "Not done yet.") and never raises: a notebook whose exercises are not done yet
@@ -12,26 +13,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from kdbook_utils.exercises.result import CheckResult, Exercise, never_raises
-from kdbook_utils.methods.crosslayer import cross_layer_pairs, fsp_matrix
+from kdbook_utils.exercises.result import CheckResult, Exercise, experiment_report, never_raises, uses
+from kdbook_utils.methods.crosslayer import fsp_matrix
 
-__all__ = [
-    "CROSS_TWO_LAYERS",
-    "FSP_MATRIX",
-    "RESNET_CHECKPOINTS",
-    "check_cross_two_layers",
-    "check_fsp_matrix",
-]
+__all__ = ["ABLATION_ROW", "FSP_MATRIX", "check_ablation_row", "check_fsp_matrix"]
 
 FSPFunction = Callable[[Tensor, Tensor], Tensor]
 
-#: The checkpoints of a CIFAR ResNet, in forward order, as the exercise names them.
-RESNET_CHECKPOINTS: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3")
-
 FSP_MATRIX = Exercise("crosslayer-fsp-matrix", "Lesson 3, exercise 1: an FSP matrix")
-CROSS_TWO_LAYERS = Exercise(
-    "crosslayer-cross-two-layers", 'Lesson 3, exercise 2: the pairs of "cross two layers"'
-)
+ABLATION_ROW = Exercise("crosslayer-ablation-row", "Lesson 3, exercise 2: an ablation row of your own")
 
 
 def _fsp_mistakes(a: Tensor, b: Tensor) -> list[tuple[str, Callable[[], Tensor]]]:
@@ -56,6 +46,9 @@ def check_fsp_matrix(candidate: FSPFunction) -> CheckResult:
     ``G[n, i, j] = 1/(H*W) * sum_{s,t} a[n, i, s, t] * b[n, j, s, t]``; a wrong matrix that matches one of
     the common mistakes gets that mistake's hint.
     """
+    if uses(candidate, ("fsp_matrix", "fsp_matrices")):
+        return FSP_MATRIX.incorrect("Write it yourself from torch operations: your function calls the package's "
+                                    "own FSP matrix, which the check compares it with.")  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     for batch, c_a, c_b, size in [(2, 3, 5, 4), (1, 4, 4, 2), (3, 2, 6, 5)]:
         a = torch.randn(batch, c_a, size, size, generator=generator)
@@ -85,57 +78,25 @@ def check_fsp_matrix(candidate: FSPFunction) -> CheckResult:
     return FSP_MATRIX.correct("Your FSP matrix matches fsp_matrix on every test case.")
 
 
-@never_raises(CROSS_TWO_LAYERS)
-def check_cross_two_layers(
-    pairs: Sequence[tuple[str, str]] | None, points: Sequence[str] = RESNET_CHECKPOINTS
+@never_raises(ABLATION_ROW)
+def check_ablation_row(
+    row: object, grid_labels: Sequence[str], runs: object, prediction: object, verdict: object,
+    explanation: object, alone_label: str,
 ) -> CheckResult:
-    """Check a prediction of the pairs that "cross two layers" gives, in the lesson's cumulative reading.
-
-    ``pairs`` is a list of ``(earlier, later)`` checkpoint names from ``points``; their order in the list
-    does not matter.
-    """
-    if pairs is None or pairs is ...:
-        return CROSS_TWO_LAYERS.not_done(
-            "List the pairs as (earlier, later) tuples, e.g. [('stem', 'stage1'), ...]."
-        )
-    if isinstance(pairs, (str, bytes)):
-        return CROSS_TWO_LAYERS.incorrect(
-            "Give a list of (earlier, later) pairs, e.g. [('stem', 'stage1'), ...]."
-        )
-    try:
-        given = {tuple(pair) for pair in pairs}
-    except TypeError:
-        return CROSS_TWO_LAYERS.incorrect(
-            "Give a list of (earlier, later) pairs, e.g. [('stem', 'stage1'), ...]."
-        )
-    if not given:
-        return CROSS_TWO_LAYERS.not_done("Your list is empty: add the (earlier, later) pairs.")
-    if any(len(pair) != 2 or isinstance(pair, str) for pair in given):
-        return CROSS_TWO_LAYERS.incorrect("Every pair has exactly two checkpoint names: (earlier, later).")
-    points = list(points)
-    unknown = sorted({str(name) for pair in given for name in pair if name not in points})
-    if unknown:
-        return CROSS_TWO_LAYERS.incorrect(
-            f"Unknown checkpoint name(s) {unknown}; the checkpoints are {points}."
-        )
-    reversed_pairs = [pair for pair in given if points.index(pair[0]) > points.index(pair[1])]
-    if reversed_pairs:
-        return CROSS_TWO_LAYERS.incorrect(
-            f"Write each pair in forward order (earlier, later): {sorted(reversed_pairs)}."
-        )
-    expected = set(cross_layer_pairs(points, 2, "cumulative"))
-    if given == expected:
-        return CROSS_TWO_LAYERS.correct(
-            f"Cross two layers pairs every checkpoint with the next one and with the one after: {len(expected)} "
-            f"pairs (FSP's {len(points) - 1} plus {len(points) - 2} that skip a stage)."
-        )
-    if given == set(cross_layer_pairs(points, 2, "exact")):
-        return CROSS_TWO_LAYERS.incorrect(
-            "That is the 'exact' reading (only pairs exactly two apart). This lesson reads cross two layers "
-            "cumulatively: it keeps FSP's adjacent pairs too."
-        )
-    missing, extra = sorted(expected - given), sorted(given - expected)
-    return CROSS_TWO_LAYERS.incorrect(
-        f"Missing {missing}; not part of it {extra}. Cumulative cross-2 takes every pair at most two "
-        "checkpoints apart."
-    )
+    """Check the experiment of exercise 2: an ablation row of the learner's own (an ``Ablation`` the
+    lesson's grid does not have), trained over the seeds beside the student alone, with the verdict their
+    paired comparison gives and an explanation that quotes the run's mean difference."""
+    if row is None or runs is None:
+        return ABLATION_ROW.not_done("Define MY_ROW, write your prediction, run it with lesson.grid into "
+                                     "row_runs, then fill in your verdict and explanation.")  # fmt: skip
+    label = getattr(row, "label", None)
+    if not isinstance(label, str) or not hasattr(row, "num_teachers"):
+        return ABLATION_ROW.incorrect(f"MY_ROW must be an Ablation, e.g. P1_P2.replace(k=2); got {type(row).__name__}.")
+    if getattr(row, "num_teachers", 0) == 0:
+        return ABLATION_ROW.incorrect("MY_ROW has no teacher: that is the student alone, the baseline itself.")
+    if label in set(grid_labels):
+        return ABLATION_ROW.incorrect(f"{label!r} is already a row of the lesson's ablation: change one of its "
+                                      "fields (k, mode, use_kl, kl_mode, num_teachers, ensemble, gram).")  # fmt: skip
+    if not str(prediction or "").strip():
+        return ABLATION_ROW.not_done("Write your prediction in MY_PREDICTION before you run the experiment.")
+    return experiment_report(ABLATION_ROW, runs, alone_label, label, verdict, explanation)

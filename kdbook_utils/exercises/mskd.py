@@ -115,11 +115,18 @@ def check_threshold_for_budget(
     exit_macs: Sequence[float],
     budget_macs: float,
     tolerance: float = 1.0,
+    test_logits: Sequence[Tensor] | None = None,
+    test_labels: Tensor | None = None,
+    reported_accuracy: object = None,
+    reported_macs: object = None,
 ) -> CheckResult:
-    """Does early exit at ``threshold`` stay within ``budget_macs`` per image, at near the best accuracy?
+    """Does early exit at ``threshold`` stay within ``budget_macs`` per image, at near the best accuracy,
+    on the validation split (``exit_logits``, ``labels``)? And, given the test split, do the reported test
+    accuracy (percent) and mean MACs per image match what the threshold gives there?
 
-    Right when the mean MACs per image are at most the budget and the accuracy is within ``tolerance``
-    percentage points of the best any threshold on a fine grid reaches within the same budget.
+    Right when the mean MACs per image are at most the budget, the accuracy is within ``tolerance``
+    percentage points of the best any threshold on a fine grid reaches within the same budget, and the
+    report matches the test split's measurement. The feedback never names the best threshold.
     """
     if threshold is None or threshold is ...:
         return THRESHOLD_FOR_BUDGET.not_done("Set your threshold: a number between 0 and 1.01.")
@@ -156,9 +163,26 @@ def check_threshold_for_budget(
         )
     if accuracy < best["accuracy"] - tolerance:
         return THRESHOLD_FOR_BUDGET.incorrect(
-            f"{measured} Within budget, but a threshold of about {best['threshold']:.3f} reaches "
-            f"{best['accuracy']:.2f} % for the same budget: try a higher threshold that still fits."
+            f"{measured} Within budget, but another threshold that fits the same budget is more than "
+            f"{tolerance:g} point(s) more accurate on validation: sweep a finer grid of thresholds and take the "
+            "most accurate one whose mean MACs fit."
         )
+    if test_logits is not None and test_labels is not None:
+        on_test = early_exit(test_logits, threshold, exit_macs)
+        if reported_accuracy is None or reported_macs is None:
+            return THRESHOLD_FOR_BUDGET.not_done(f"{measured} Now measure it once on the test split and report "
+                                                 "MY_TEST_ACCURACY (%) and MY_TEST_MACS (per image).")  # fmt: skip
+        try:
+            got_accuracy, got_macs = float(reported_accuracy), float(reported_macs)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return THRESHOLD_FOR_BUDGET.incorrect("MY_TEST_ACCURACY and MY_TEST_MACS must be numbers.")
+        if abs(got_accuracy - on_test.accuracy(test_labels)) > 0.05 or abs(got_macs - on_test.mean_macs) > max(
+            1.0, 1e-3 * on_test.mean_macs
+        ):
+            return THRESHOLD_FOR_BUDGET.incorrect(
+                "Your reported test accuracy or mean MACs are not what your threshold gives on the test split: "
+                "measure them with mskd.early_exit on the test logits (accuracy in percent, MACs per image)."
+            )
     return THRESHOLD_FOR_BUDGET.correct(
         f"{measured} Within the {budget_macs / 1e6:.3g} M MACs budget at near the best accuracy possible."
     )

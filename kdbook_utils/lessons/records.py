@@ -27,8 +27,9 @@ from IPython.display import Markdown, display
 
 from kdbook_utils.checkpoints import cache_dir
 from kdbook_utils.data import preset_data
+from kdbook_utils.errors import Seen, closest, must_be
 from kdbook_utils.experiments import (
-    TrainedModel,
+    check_results_folder,
     compare,
     git_commit,
     machine_description,
@@ -37,7 +38,7 @@ from kdbook_utils.experiments import (
     write_results,
 )
 from kdbook_utils.lessons import RESULTS, crosslayer, hinton, lsl, mskd, settings_hash
-from kdbook_utils.presets import Preset, get_preset
+from kdbook_utils.presets import PRESETS, Preset, get_preset
 from kdbook_utils.train import DeviceLike, precision_name
 
 
@@ -68,14 +69,48 @@ LESSONS: dict[str, LessonEntry] = {
 
 
 def lesson_entry(name: str) -> LessonEntry:
+    """The lesson called ``name``; an unknown name is refused with the lessons there are."""
+    if not isinstance(name, str):
+        raise TypeError(must_be("The lesson", f"a lesson's name, one of {', '.join(LESSONS)}",
+                                Seen(f"a {type(name).__name__}"), "Pass e.g. 'hinton'."))  # fmt: skip
     if name not in LESSONS:
-        raise ValueError(f"Unknown lesson {name!r}; the lessons are {', '.join(LESSONS)}.")
+        raise ValueError(
+            must_be("The lesson", f"one of {', '.join(LESSONS)}", name, closest(name, LESSONS).strip())
+        )
     return LESSONS[name]
+
+
+def lesson_settings(entry: LessonEntry, preset: str | Preset, settings: Any = None) -> Any:
+    """The settings ``entry``'s lesson runs with under ``preset``: ``settings`` if given (checked to be the
+    lesson's kind), else the lesson's own for the preset's name; a name the lesson has no settings for is
+    refused with the names it has (a preset renamed with ``replace(name=...)`` needs ``settings=``)."""
+    kind = type(next(iter(entry.settings.values())))
+    if settings is not None:
+        if not isinstance(settings, kind):
+            raise TypeError(must_be(f"The settings of lesson {entry.name!r}", f"a {kind.__name__}",
+                                    Seen(f"a {type(settings).__name__}"),
+                                    f"Start from the lesson's own: SETTINGS['lab'] of kdbook_utils.lessons."
+                                    f"{entry.name}, changed with dataclasses.replace(...)."))  # fmt: skip
+        return settings
+    name = preset.name if isinstance(preset, Preset) else preset
+    if name not in entry.settings:
+        renamed = " (a preset renamed with replace(name=...) keeps no lesson settings)" if isinstance(preset, Preset) \
+            and name not in PRESETS else ""  # fmt: skip
+        raise ValueError(must_be(f"The preset of lesson {entry.name!r}", f"one it has settings for: "
+                                 f"{', '.join(entry.settings)}", Seen(f"{name!r}{renamed}"),
+                                 "Use one of those names, or pass settings= (e.g. the lesson's SETTINGS['lab'])."
+                                 f"{closest(name, entry.settings)}"))  # fmt: skip
+    return entry.settings[name]
 
 
 def results_path(lesson: str, preset: str = "lab", folder: Path | None = None) -> Path:
     """Where a lesson's recorded results live (without the suffix: ``.csv`` and ``.json``)."""
-    return (folder or RESULTS) / preset / lesson
+    if not isinstance(preset, str):
+        shown = (
+            f"a Preset named {preset.name!r}" if isinstance(preset, Preset) else f"a {type(preset).__name__}"
+        )
+        raise TypeError(must_be("results_path's preset", "a preset's name", Seen(shown), "Pass preset.name."))
+    return (folder or RESULTS) / preset / lesson_entry(lesson).name
 
 
 def preset_hash(preset: Preset) -> str:
@@ -110,8 +145,12 @@ def record(
 ) -> Path:
     """Run ``lesson``'s experiment with ``preset`` and write its results file with provenance."""
     entry = lesson_entry(lesson)
+    if not isinstance(preset, (str, Preset)):
+        raise TypeError(must_be("record's preset", "a preset or its name", Seen(f"a {type(preset).__name__}"),
+                                "Pass e.g. 'lab' or get_preset('lab')."))  # fmt: skip
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    settings = settings or entry.settings[preset.name]
+    settings = lesson_settings(entry, preset, settings)
+    check_results_folder(results_path(lesson, preset.name, folder).parent)  # before hours of training
     models = cache_dir() / "models"
     cached_before = set(models.glob("*.pt"))
     started = time.perf_counter()
@@ -128,24 +167,21 @@ def record(
 
 
 def runner_teachers(runner: Any) -> list[dict[str, Any]]:
-    """The teachers a lesson ran with, where each came from (shipped, cache, trained) and, for a shipped
-    one, what it was trained on and its recorded test accuracy."""
-    found = []
-    for value in vars(runner).values():
-        for model in value if isinstance(value, list) else [value]:
-            if isinstance(model, TrainedModel):
-                found.append({"model": model.path.name, "source": model.source,
-                              **{k: model.record[k] for k in ("trained_on", "precision", "test_accuracy")
-                                 if k in model.record}})  # fmt: skip
-    return found
+    """The teachers a lesson ran with: each one's role, file, where it came from (shipped, cache, trained)
+    and, for a shipped one, what it was trained on and its recorded test accuracy."""
+    return [
+        {"role": role, "model": model.path.name, "source": model.source,
+         **{key: model.record[key] for key in ("trained_on", "precision", "test_accuracy") if key in model.record}}
+        for role, model in runner.trained_models().items()
+    ]  # fmt: skip
 
 
 def check_recorded(lesson: str, preset: str = "lab", folder: Path | None = None) -> tuple[pd.DataFrame, dict]:
     """The recorded runs and provenance of ``lesson``, refusing a file that is missing, malformed, or
     made with other settings (of the lesson or the preset) than the ones the lesson would run now."""
     entry = lesson_entry(lesson)
+    current = lesson_settings(entry, preset)
     runs, provenance = read_results(results_path(lesson, preset, folder))
-    current = entry.settings[preset]
     problems = []
     if provenance.get("settings_hash") != settings_hash(current):
         problems.append(f"the lesson's settings changed (recorded {provenance.get('settings')}, now "
@@ -169,14 +205,20 @@ def recorded_comparison(lesson: str, baseline: str | None = None, *, preset: str
     (the final comparison by default) on the test split (the same :func:`~kdbook_utils.experiments.compare`
     as the live run)."""
     entry = lesson_entry(lesson)
+    lesson_settings(entry, preset)  # a wrong preset is the caller's error, not a missing file
+    declared = list(entry.runner.STAGES)
+    if stage not in declared:  # a misspelled stage is the caller's error too, whatever the files hold
+        raise ValueError(f"Lesson {lesson!r} has no stage {stage!r}; its stages are {declared}."
+                         f"{closest(stage, declared)}")  # fmt: skip
     try:
         runs, provenance = check_recorded(lesson, preset, folder)
     except (FileNotFoundError, ValueError) as error:
         display(Markdown(f"*No usable recorded `{preset}` results for this lesson: {error}*"))
         return
     if stage not in set(runs["stage"]):
+        stages = list(dict.fromkeys(runs["stage"]))
         raise ValueError(f"The recorded {lesson} results have no stage {stage!r}; they have "
-                         f"{sorted(set(runs['stage']))}.")  # fmt: skip
+                         f"{sorted(set(runs['stage']))}.{closest(stage, stages)}")  # fmt: skip
     chosen = runs[runs["stage"] == stage]
     methods = entry.headline(runs) if stage == "final" else list(dict.fromkeys(chosen["method"]))
     comparison = compare(chosen, baseline or entry.baseline, split="test", output=output, methods=methods)
