@@ -52,20 +52,23 @@ hidden tests outside a test cell, a cell without ``grade_id`` or ``points``, a d
 metadata of another schema version, a test cell that cannot fail, a stub that would not run, a cell
 that shows a line of a solution (a worked answer in Markdown would give it away).
 
-``grade`` emulates ``nbgrader autograde``: it takes a submitted notebook and the instructor's version
-(default: the notebook of the same name in ``notebooks/``), copies the instructor's source and nbgrader
-metadata back into every locked cell (the hidden tests come back), clears the outputs, executes the
-notebook in a fresh kernel with errors allowed (this Python, ``KDBOOK_PRESET=--preset``,
-``NBGRADER_EXECUTION=autograde``, ``--timeout`` seconds per cell) and scores each test cell as nbgrader
-does: zero if it shows an error or writes to stderr, a number it returns as its last value as partial
-credit, full points otherwise. Manually graded cells are listed for the rubric. It prints one table per
-notebook (grade id, points, max points, feedback), writes them to ``--json``, and the executed notebooks
-to ``--graded``. The exit status is 0 when every notebook could be graded, whatever the scores.
+``grade`` grades submitted notebooks with nbgrader itself (``pip install -e ".[instructor]"``): for each
+submission it makes a course folder in a temporary folder, with the instructor's version (default: the
+notebook of the same name in ``notebooks/``) as the assignment's source, runs ``nbgrader generate_assignment``
+and ``nbgrader autograde`` there (``KDBOOK_PRESET=--preset``, ``--timeout`` seconds per cell), and reads the
+grades off the autograded notebook with nbgrader's ``determine_grade``: zero for a test cell that shows an
+error or writes to stderr (a failed check raises with its feedback), a number it returns as partial credit,
+full points otherwise. Manually graded cells are listed for the rubric. It prints one table per notebook
+(grade id, points, max points, feedback), writes them to ``--json``, and the autograded notebooks to
+``--graded``. The exit status is 0 when every notebook could be graded, whatever the scores.
 
-Using nbgrader itself: ``pip install -e ".[instructor]"``, then in ``--out`` run nbgrader as usual
+The student edition is nbgrader's too: its own preprocessors, in ``generate_assignment``'s order, with one
+change (``scripts/nbgrader_stubs.py``: a solution at the top level of a cell gets a comment, not a
+``raise``, so that "Run all" runs the unfilled edition to the end). What this script adds to nbgrader: the
+checks of the marking, the flat ``student/`` copies and the zips. In ``--out``, nbgrader runs as usual
 (``nbgrader generate_assignment 01_hinton_kd``, ``nbgrader autograde 01_hinton_kd``) with ``KDBOOK_PRESET``
-set. The ``nbgrader_config.py`` written there gives each cell 900 s (nbgrader's default is 30 s) and
-makes ``generate_assignment`` use the same stubs as this command.
+set: the ``nbgrader_config.py`` written there gives each cell 900 s (nbgrader's default is 30 s) and uses the
+same stubs.
 """
 
 from __future__ import annotations
@@ -74,26 +77,36 @@ import argparse
 import ast
 import copy
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import textwrap
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import nbformat
-from nbclient import NotebookClient
-from nbclient.exceptions import DeadKernelError
 from nbformat import NotebookNode
+from nbgrader.preprocessors import (
+    CheckCellMetadata,
+    ClearHiddenTests,
+    ClearMarkScheme,
+    ClearOutput,
+    ComputeChecksums,
+    LockCells,
+)
+from nbgrader.utils import determine_grade
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbgrader_stubs import TOP_LEVEL_STUB, RunnableClearSolutions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -121,13 +134,6 @@ REGIONS: dict[str, tuple[str, str]] = {
     "mark scheme": ("BEGIN MARK SCHEME", "END MARK SCHEME"),
 }
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")  # nbgrader's stub for Python
-TOP_LEVEL_STUB = ("# YOUR CODE HERE",)
-TEXT_STUB = "YOUR ANSWER HERE"
-TIMEOUT_ERROR = {
-    "ename": "CellTimeoutError",
-    "evalue": "",
-    "traceback": ["\x1b[0;31mCellTimeoutError\x1b[0m: No reply from kernel before timeout"],
-}
 
 
 class MarkingError(ValueError):
@@ -162,23 +168,6 @@ def is_locked(cell: NotebookNode) -> bool:
 
 def has_grade_id(cell: NotebookNode) -> bool:
     return is_grade(cell) or is_solution(cell) or is_locked(cell) or is_task(cell)
-
-
-def checksum(cell: NotebookNode) -> str:
-    """nbgrader's cell checksum: md5 of source, type, flags, id and points."""
-    digest = hashlib.md5()
-    for part in (
-        cell.source,
-        cell.cell_type,
-        str(is_grade(cell)),
-        str(is_solution(cell)),
-        str(is_locked(cell)),
-    ):
-        digest.update(part.encode("utf-8"))
-    digest.update(grader_metadata(cell)["grade_id"].encode("utf-8"))
-    if is_grade(cell):
-        digest.update(str(float(grader_metadata(cell)["points"])).encode("utf-8"))
-    return digest.hexdigest()
 
 
 def is_marked(notebook: NotebookNode) -> bool:
@@ -306,7 +295,7 @@ def solution_stubs(
         if _inside_function(tree, first_line):
             stubs[region.begin] = CODE_STUB
             continue
-        stubs[region.begin] = TOP_LEVEL_STUB
+        stubs[region.begin] = (TOP_LEVEL_STUB,)
         if region.indent:
             problems.append(
                 f"the solution region on line {region.begin + 1} is indented but not in a function body: its "
@@ -485,71 +474,80 @@ def check_marking(notebook: NotebookNode, name: str) -> None:
 # ------------------------------------------------------------------------------------------------ editions
 
 
-def clear_outputs(notebook: NotebookNode) -> None:
-    """nbconvert's ClearOutputPreprocessor, plus the saved widget state (an output too)."""
+def clear_outputs(notebook: NotebookNode) -> NotebookNode:
+    """nbgrader's ClearOutput, and the saved widget state (an output too)."""
+    notebook, _ = ClearOutput().preprocess(notebook, {})
     notebook.metadata.pop("widgets", None)
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            cell.outputs = []
-            cell.execution_count = None
-            for key in ("collapsed", "scrolled"):
-                cell.metadata.pop(key, None)
+    return notebook
 
 
 def instructor_edition(notebook: NotebookNode, name: str = "notebook") -> NotebookNode:
     """The instructor's notebook as nbgrader's ``source/`` holds it: checked, outputs cleared."""
     check_marking(notebook, name)
-    source = copy.deepcopy(notebook)
-    clear_outputs(source)
-    return source
+    return clear_outputs(copy.deepcopy(notebook))
 
 
 def student_edition(
     notebook: NotebookNode, name: str = "notebook", filled: Mapping[str, str] | None = None
 ) -> NotebookNode:
-    """What ``nbgrader generate_assignment`` releases: stubs for solutions, no hidden tests, no outputs.
+    """What ``nbgrader generate_assignment`` releases, made by nbgrader's own preprocessors in its order
+    (solutions stubbed by :class:`RunnableClearSolutions`, hidden tests and mark schemes removed, outputs
+    cleared, cells locked, checksums computed), with the saved widget state cleared too.
 
-    ``filled`` maps an answer cell's ``grade_id`` to code that replaces its solution regions instead of
-    the stub (indented like the region): a student's answer, e.g. a known wrong one for a test.
+    ``filled`` maps an answer cell's ``grade_id`` to code that replaces its stub (indented like it): a
+    student's answer, e.g. a known wrong one for a test.
     """
     check_marking(notebook, name)
-    filled = dict(filled or {})
     student = copy.deepcopy(notebook)
     student.metadata.pop("celltoolbar", None)
-    clear_outputs(student)
-    names_before: set[str] = set()
-    for cell in student.cells:
-        source = cell.source
-        if is_solution(cell):
-            answer = filled.pop(grader_metadata(cell)["grade_id"], None)
-            if cell.cell_type == "code":
-                stubs, _ = solution_stubs(source, names_before, answer)
-            else:
-                text = (answer if answer is not None else TEXT_STUB).split("\n")
-                stubs = {region.begin: text for region in find_regions(source, "solution")}
-            if stubs:
-                cell.source = replace_solutions(source, stubs)
-            else:  # a written answer without markers: the whole cell is the answer
-                cell.source = answer if answer is not None else TEXT_STUB
-        if cell.cell_type == "code":
-            names_before |= _names_or_nothing(source)
-        cell.source = remove_regions(remove_regions(cell.source, "hidden tests"), "mark scheme")
-        _lock(cell)
-        if has_grade_id(cell):
-            cell.metadata.nbgrader["checksum"] = checksum(cell)
-            cell.metadata.nbgrader["cell_type"] = cell.cell_type
+    resources: dict[str, Any] = {"language": "python"}
+    for step in (LockCells, RunnableClearSolutions, ClearOutput, CheckCellMetadata, ComputeChecksums,
+                 ClearHiddenTests, ClearMarkScheme, ComputeChecksums, CheckCellMetadata):  # fmt: skip
+        student, resources = step().preprocess(student, resources)
+    student.metadata.pop("widgets", None)
     if filled:
-        raise KeyError(f"{name}: no answer cell has grade_id {sorted(filled)}")
+        _fill(student, dict(filled), name)
     return student
 
 
-def _lock(cell: NotebookNode) -> None:
-    """nbgrader's LockCells: answers cannot be deleted; tests and read-only cells cannot be edited either."""
-    if is_solution(cell):
-        cell.metadata["deletable"] = False
-    elif is_grade(cell) or is_locked(cell):
-        cell.metadata["deletable"] = False
-        cell.metadata["editable"] = False
+def _fill(student: NotebookNode, answers: dict[str, str], name: str) -> None:
+    """Put ``answers`` (grade id -> code) in place of the stubs of their answer cells."""
+    stub_lines = (TOP_LEVEL_STUB, "raise NotImplementedError()")
+    for cell in student.cells:
+        answer = answers.pop(grader_metadata(cell).get("grade_id", ""), None)
+        if answer is None or not is_solution(cell):
+            continue
+        if cell.cell_type != "code":
+            cell.source = answer
+            continue
+        lines, result = cell.source.split("\n"), []
+        for line in lines:
+            if line.strip() == TOP_LEVEL_STUB:
+                indent = line[: len(line) - len(line.lstrip())]
+                result += [indent + answer_line if answer_line else answer_line for answer_line in answer.split("\n")]
+            elif line.strip() not in stub_lines:
+                result.append(line)
+        cell.source = "\n".join(result)
+    if answers:
+        raise KeyError(f"{name}: no answer cell has grade_id {sorted(answers)}")
+
+
+def with_answers(notebook: NotebookNode, answers: Mapping[str, str], name: str = "notebook") -> NotebookNode:
+    """The instructor edition with the solution regions of some answer cells replaced by ``answers`` (grade id
+    -> code), hidden tests kept: what ``nbgrader autograde`` executes for a submission with those answers
+    (it copies the hidden tests back into every locked cell)."""
+    check_marking(notebook, name)
+    graded = clear_outputs(copy.deepcopy(notebook))
+    remaining = dict(answers)
+    for cell in graded.cells:
+        answer = remaining.pop(grader_metadata(cell).get("grade_id", ""), None)
+        if answer is not None:
+            cell.source = replace_solutions(
+                cell.source, {region.begin: answer.split("\n") for region in find_regions(cell.source, "solution")}
+            )
+    if remaining:
+        raise KeyError(f"{name}: no answer cell has grade_id {sorted(remaining)}")
+    return graded
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -558,39 +556,20 @@ def _lock(cell: NotebookNode) -> None:
 NBGRADER_CONFIG = """\
 \"\"\"nbgrader settings for this course folder, written by kdbook's scripts/editions.py.\"\"\"
 
+import sys
+from pathlib import Path
+
 from nbgrader.converters import GenerateAssignment
 from nbgrader.preprocessors import ClearSolutions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbgrader_stubs import RunnableClearSolutions  # noqa: E402 (kdbook's runnable stubs, copied here)
 
 c = get_config()  # noqa: F821 (nbgrader provides it)
 
 # The lessons train small networks: give each cell as long as scripts/execute_notebooks.py does
 # (nbgrader's default is 30 s). Export KDBOOK_PRESET (quick, lab, paper) before autograding.
 c.Execute.timeout = {timeout}
-
-
-class RunnableClearSolutions(ClearSolutions):
-    \"\"\"Stubs that keep the student edition runnable, as scripts/editions.py writes them: nbgrader's stub
-    for a solution region inside a function body (indented), a comment alone for one at the top level
-    of a cell, where a `raise` would stop "Run all".\"\"\"
-
-    def _replace_solution_region(self, cell, language):
-        if cell.cell_type != "code":
-            return super()._replace_solution_region(cell, language)
-        kept, inside, replaced = [], False, False
-        for line in cell.source.split("\\n"):
-            if self.begin_solution_delimeter in line:
-                indent = line[: len(line) - len(line.lstrip())]
-                stub = self.code_stub[language] if indent else "# YOUR CODE HERE"
-                kept += [indent + stub_line for stub_line in stub.split("\\n")]
-                inside = replaced = True
-            elif self.end_solution_delimeter in line:
-                inside = False
-            elif not inside:
-                kept.append(line)
-        cell.source = "\\n".join(kept)
-        return replaced
-
-
 c.GenerateAssignment.preprocessors = [
     RunnableClearSolutions if step is ClearSolutions else step
     for step in GenerateAssignment.class_traits()["preprocessors"].default()
@@ -619,7 +598,7 @@ def generate(
 
     Every notebook is checked before anything is written; returns the files written.
     """
-    notebooks = {path: nbformat.read(path, as_version=4) for path in paths}
+    notebooks = {path: read_notebook(path) for path in paths}
     failures = []
     for path, notebook in notebooks.items():
         try:
@@ -652,8 +631,20 @@ def generate(
             written.append(archive)
     config = out / "nbgrader_config.py"
     config.write_text(NBGRADER_CONFIG.format(timeout=timeout))
-    written.append(config)
+    shutil.copy(Path(__file__).with_name("nbgrader_stubs.py"), out / "nbgrader_stubs.py")
+    written += [config, out / "nbgrader_stubs.py"]
     return written
+
+
+def read_notebook(path: Path) -> NotebookNode:
+    """A notebook file, or a :class:`MarkingError` that names the file and what is wrong with it."""
+    try:
+        return nbformat.read(path, as_version=4)
+    except (OSError, ValueError, nbformat.reader.NotJSONError, nbformat.ValidationError) as error:
+        raise MarkingError(
+            f"{path}: cannot read it as a notebook ({type(error).__name__}: {error}). Restore it from the "
+            "repository (git checkout -- <file>) or export it again from Jupyter."
+        ) from error
 
 
 # ------------------------------------------------------------------------------------------------ grading
@@ -673,7 +664,7 @@ class CellGrade:
 
 @dataclass
 class Grading:
-    """The grades of one submitted notebook, and the notebook as executed for grading."""
+    """The grades of one notebook, and the notebook as executed for grading."""
 
     notebook: str
     cells: list[CellGrade]
@@ -713,6 +704,77 @@ class Grading:
         }
 
 
+def _feedback(cell: NotebookNode) -> str:
+    """What a graded cell showed: the check's failure (an AssertionError carries its feedback), another
+    error, text on stderr, or what it displayed."""
+    for output in cell.get("outputs", []):
+        if output.output_type == "error":
+            if output.ename == "AssertionError" and output.evalue:
+                return output.evalue
+            return f"{output.ename}: {output.evalue}" if output.evalue else output.ename
+        if output.output_type == "stream" and output.name == "stderr":
+            return f"wrote to stderr: {output.text.strip()}"
+    shown = []
+    for output in cell.get("outputs", []):
+        if output.output_type in ("display_data", "execute_result"):
+            text = output.get("data", {}).get("text/plain", "")
+            shown.append("".join(text) if isinstance(text, list) else str(text))
+    return "\n".join(shown).strip() or "passed"
+
+
+def grade_executed(notebook: NotebookNode, name: str = "notebook") -> Grading:
+    """The grades of an executed notebook that holds its hidden tests (the instructor edition, or what
+    ``nbgrader autograde`` executed), cell by cell with nbgrader's own ``determine_grade``. A test cell the
+    kernel never reached scores zero."""
+    cells = []
+    for index, cell in enumerate(notebook.cells):
+        if not (is_grade(cell) or is_task(cell)):
+            continue
+        grade_id, max_points = grader_metadata(cell)["grade_id"], float(grader_metadata(cell)["points"])
+        if is_task(cell) and not is_grade(cell):
+            cells.append(CellGrade(grade_id, "task", None, max_points, "to grade by hand with the rubric", index))
+            continue
+        if cell.cell_type == "code" and not is_solution(cell) and cell.get("execution_count") is None:
+            cells.append(CellGrade(grade_id, "autograded", 0.0, max_points, "not run (the kernel stopped before it)",
+                                   index))  # fmt: skip
+            continue
+        points, _ = determine_grade(cell)
+        kind = "autograded" if cell.cell_type == "code" and not is_solution(cell) else "manual"
+        feedback = _feedback(cell) if kind == "autograded" else "to grade by hand with the rubric"
+        cells.append(CellGrade(grade_id, kind, None if points is None else float(points), max_points, feedback, index))
+    return Grading(name, cells, notebook)
+
+
+def grade(
+    submission: Path, instructor: Path, *, preset: str = "quick", timeout: int = DEFAULT_TIMEOUT_S
+) -> Grading:
+    """Grade a submitted notebook with nbgrader itself: a course folder is made in a temporary folder (the
+    instructor's notebook as the assignment's source), ``nbgrader generate_assignment`` and ``nbgrader
+    autograde`` run there (``KDBOOK_PRESET=preset``, ``timeout`` s per cell), and the grades are read from
+    the notebook nbgrader autograded."""
+    bin_folder = Path(sys.executable).parent
+    if not (bin_folder / "nbgrader").is_file():
+        raise FileNotFoundError(
+            f"nbgrader is not installed next to {sys.executable}: pip install -e '.[instructor]'"
+        )
+    read_notebook(submission)  # a damaged submission is named before nbgrader starts
+    assignment, student = instructor.stem, "student"
+    with tempfile.TemporaryDirectory(prefix="kdbook-grade-") as folder:
+        course = Path(folder)
+        generate([instructor], course, timeout=timeout)
+        submitted = course / "submitted" / student / assignment / instructor.name
+        submitted.parent.mkdir(parents=True)
+        shutil.copy(submission, submitted)
+        env = {**os.environ, "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}", "KDBOOK_PRESET": preset}
+        for command in (["generate_assignment", assignment, "--force"], ["autograde", assignment, "--create"]):
+            done = subprocess.run([str(bin_folder / "nbgrader"), *command], cwd=course, env=env, capture_output=True,
+                                  text=True, check=False)  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"nbgrader {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        autograded = nbformat.read(course / "autograded" / student / assignment / instructor.name, as_version=4)
+    return grade_executed(autograded, submission.name)
+
+
 def load_executor() -> ModuleType:
     """scripts/execute_notebooks.py, for its kernel set-up (``kernel_for_this_python``)."""
     path = Path(__file__).with_name("execute_notebooks.py")
@@ -724,175 +786,6 @@ def load_executor() -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
-
-
-@contextmanager
-def _environment(**variables: str) -> Iterator[None]:
-    previous = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def sanitize(submission: NotebookNode, instructor: NotebookNode) -> tuple[NotebookNode, list[str]]:
-    """nbgrader autograde's first pass: clear outputs, keep the last of duplicated ids, and copy the
-    instructor's nbgrader metadata, cell type and, for locked cells, source back into every cell with a
-    ``grade_id``. Returns the notebook to execute and the grade ids missing from the submission."""
-    notebook = copy.deepcopy(submission)
-    clear_outputs(notebook)
-    originals = {grader_metadata(cell)["grade_id"]: cell for cell in instructor.cells if has_grade_id(cell)}
-    seen: set[str] = set()
-    for cell in reversed(notebook.cells):
-        grade_id = grader_metadata(cell).get("grade_id")
-        if grade_id is None:
-            continue
-        if grade_id in seen or grade_id not in originals:
-            cell.metadata.pop("nbgrader", None)  # a duplicate, or a cell the instructor never marked
-            continue
-        seen.add(grade_id)
-        original = originals[grade_id]
-        if cell.cell_type != original.cell_type:
-            cell.cell_type = original.cell_type
-            if cell.cell_type == "code":
-                cell.outputs, cell.execution_count = [], None
-            else:
-                cell.pop("outputs", None)
-                cell.pop("execution_count", None)
-        cell.metadata["nbgrader"] = copy.deepcopy(original.metadata["nbgrader"])
-        if is_locked(original):
-            cell.source = original.source
-    return notebook, [grade_id for grade_id in originals if grade_id not in seen]
-
-
-def _text(output: NotebookNode) -> str:
-    text = output.get("data", {}).get("text/plain", "")
-    return "".join(text) if isinstance(text, list) else str(text)
-
-
-def score(cell: NotebookNode, release_checksum: str | None = None) -> tuple[float | None, str]:
-    """nbgrader's ``determine_grade`` for one graded cell, with the feedback it shows."""
-    max_points = float(grader_metadata(cell)["points"])
-    if is_solution(cell):  # a manually graded answer; unchanged from the release means unanswered
-        if release_checksum is not None and checksum(cell) == release_checksum:
-            return 0.0, "not answered (unchanged from the student edition)"
-        return None, "to grade by hand with the rubric"
-    if cell.cell_type != "code":
-        return None, "to grade by hand with the rubric"
-    if cell.get("execution_count") is None:
-        return 0.0, "not run (the kernel died or stopped before this cell)"
-    shown = [
-        _text(output) for output in cell.outputs if output.output_type in ("display_data", "execute_result")
-    ]
-    for output in cell.outputs:
-        if output.output_type == "error":  # a failed check's AssertionError carries its feedback
-            if output.ename == "AssertionError" and output.evalue:
-                return 0.0, output.evalue
-            return 0.0, f"{output.ename}: {output.evalue}" if output.evalue else output.ename
-        if output.output_type == "stream" and output.name == "stderr":
-            return 0.0, f"wrote to stderr: {output.text.strip()}"
-        if output.output_type == "execute_result":
-            try:
-                partial = float(_text(output))
-            except ValueError:
-                return max_points, "\n".join(shown).strip() or "passed"
-            if not 0 <= partial <= max_points:
-                return (
-                    max_points if partial < 0 else 0.0
-                ), f"partial credit {partial:g} outside 0..{max_points:g}"
-            return partial, f"partial credit {partial:g} of {max_points:g}"
-    return max_points, "\n".join(shown).strip() or "passed"
-
-
-def grade(
-    submission: NotebookNode,
-    instructor: NotebookNode,
-    *,
-    name: str = "submission",
-    preset: str = "quick",
-    timeout: int = DEFAULT_TIMEOUT_S,
-    cwd: Path | None = None,
-    kernel_name: str | None = None,
-) -> Grading:
-    """Grade ``submission`` against the ``instructor`` edition as ``nbgrader autograde`` would.
-
-    The notebook runs in ``cwd`` (default: the current folder) in a fresh kernel: ``kernel_name``, or one
-    for this Python with ``KDBOOK_PRESET=preset`` (scripts/execute_notebooks.py's set-up).
-    """
-    check_marking(instructor, f"{name} (instructor's version)")
-    release = {
-        grader_metadata(c)["grade_id"]: grader_metadata(c)["checksum"]
-        for c in student_edition(instructor, name).cells
-        if has_grade_id(c)
-    }
-    notebook, missing = sanitize(submission, instructor)
-    with _environment(NBGRADER_EXECUTION="autograde", KDBOOK_PRESET=preset):
-        if kernel_name is None:
-            with load_executor().kernel_for_this_python(preset) as kernel:
-                execute(notebook, kernel, timeout=timeout, cwd=cwd)
-        else:
-            execute(notebook, kernel_name, timeout=timeout, cwd=cwd)
-    cells = []
-    for index, cell in enumerate(notebook.cells):
-        if not (is_grade(cell) or is_task(cell)):
-            continue
-        grade_id, max_points = grader_metadata(cell)["grade_id"], float(grader_metadata(cell)["points"])
-        if is_task(cell) and not is_grade(cell):
-            cells.append(
-                CellGrade(grade_id, "task", None, max_points, "to grade by hand with the rubric", index)
-            )
-            continue
-        points, feedback = score(cell, release.get(grade_id))
-        kind = "autograded" if cell.cell_type == "code" and not is_solution(cell) else "manual"
-        cells.append(CellGrade(grade_id, kind, points, max_points, feedback, index))
-    for grade_id in missing:
-        original = next(c for c in instructor.cells if grader_metadata(c).get("grade_id") == grade_id)
-        if is_grade(original) or is_task(original):
-            max_points = float(grader_metadata(original)["points"])
-            cells.append(
-                CellGrade(grade_id, "autograded", 0.0, max_points, "missing from the submission", None)
-            )
-    return Grading(name, cells, notebook)
-
-
-def execute(notebook: NotebookNode, kernel_name: str, *, timeout: int, cwd: Path | None) -> None:
-    """Run every cell in a fresh kernel as nbgrader's Execute does: errors allowed, a timed-out cell
-    interrupted and marked with an error, a dead kernel leaving the remaining cells unrun."""
-
-    def record_unreported_error(cell: NotebookNode, execute_reply: dict, **_: Any) -> None:
-        content = execute_reply.get("content", {})
-        reported = any(o.output_type == "error" and o.ename == content.get("ename") for o in cell.outputs)
-        if content.get("status") == "error" and not reported:
-            cell.outputs.append(
-                nbformat.v4.new_output(
-                    "error",
-                    ename=content.get("ename", "Error"),
-                    evalue=content.get("evalue", ""),
-                    traceback=content.get("traceback")
-                    or ["an error occurred while the traceback was disabled"],
-                )
-            )
-
-    client = NotebookClient(
-        notebook,
-        kernel_name=kernel_name,
-        timeout=timeout,
-        allow_errors=True,
-        interrupt_on_timeout=True,
-        error_on_timeout=TIMEOUT_ERROR,
-        extra_arguments=["--HistoryManager.hist_file=:memory:"],
-        resources={"metadata": {"path": str(cwd or Path.cwd())}},
-        on_cell_executed=record_unreported_error,
-    )
-    try:
-        client.execute()
-    except DeadKernelError:
-        pass  # the cells that did not run score zero
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -941,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             for path in _notebooks(args.notebooks):
-                notebook = nbformat.read(path, as_version=4)
+                notebook = read_notebook(path)
                 check_marking(notebook, path.name)
                 cells = [c for c in notebook.cells if has_grade_id(c)]
                 points = sum(
@@ -955,7 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in written:
                 print(path.relative_to(args.out.resolve()))
             for path in paths:
-                if not is_marked(nbformat.read(path, as_version=4)):
+                if not is_marked(read_notebook(path)):
                     print(f"note: {path.name} has no nbgrader cells: copied to student/ as it is")
             print(f"{len(written)} file(s) in {args.out}")
             return 0
@@ -966,15 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise FileNotFoundError(
                     f"no instructor version for {submission.name} at {source}: pass --source"
                 )
-            instructor = nbformat.read(source, as_version=4)
-            grading = grade(
-                nbformat.read(submission, as_version=4),
-                instructor,
-                name=submission.name,
-                preset=args.preset,
-                timeout=args.timeout,
-                cwd=source.resolve().parent,
-            )
+            grading = grade(submission, source.resolve(), preset=args.preset, timeout=args.timeout)
             print(grading.table(), end="\n\n")
             results.append(grading.to_json())
             if args.graded:
@@ -983,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
         return 0
-    except (MarkingError, FileNotFoundError, FileExistsError) as error:
+    except (MarkingError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

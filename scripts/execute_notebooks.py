@@ -5,14 +5,17 @@
 
 The kernel is this interpreter (the project's .venv when run by scripts/book.sh), whatever kernels
 Jupyter has registered elsewhere: a private kernel spec is written to a temporary folder placed first on
-JUPYTER_PATH. Each notebook runs in its own folder (``notebooks/``) with ``KDBOOK_PRESET`` set. A failing
-cell stops that notebook; the cell's source and traceback are printed, the other notebooks still run,
-and the exit status is 1. Executed copies (outputs and widget state included) go to ``--out``.
+JUPYTER_PATH. Each notebook runs in its own folder (``notebooks/``) with ``KDBOOK_PRESET`` set, as its
+**student edition** (made by scripts/editions.py: solutions stubbed, hidden tests left out), which is what
+the book shows; ``--edition instructor`` runs the notebooks as they are. A failing cell stops that
+notebook; the cell's source and traceback are printed, the other notebooks still run, and the exit status
+is 1. Executed copies (outputs and widget state included) go to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -21,8 +24,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import nbformat
+from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -59,26 +64,39 @@ def kernel_for_this_python(preset: str, env: Mapping[str, str] | None = None) ->
 
 
 def execute_notebook(
-    path: Path, *, kernel_name: str, timeout: int = DEFAULT_TIMEOUT_S, cwd: Path | None = None
+    path: Path,
+    *,
+    kernel_name: str,
+    timeout: int = DEFAULT_TIMEOUT_S,
+    cwd: Path | None = None,
+    allow_errors: bool = False,
 ) -> nbformat.NotebookNode:
-    """Run every cell of ``path`` in order and return the executed notebook (raises on a failing cell)."""
+    """Run every cell of ``path`` in order and return the executed notebook (raises on a failing cell,
+    unless ``allow_errors``: then every cell runs and errors stay in the outputs, as a grader runs it).
+
+    The kernel talks to this process over local sockets (the IPC transport), not TCP: nothing listens on
+    the network, and the kernel has no reason to warn that its traffic is unencrypted."""
     notebook = nbformat.read(path, as_version=4)
     original_kernelspec = notebook.metadata.get("kernelspec")
-    client = NotebookClient(
-        notebook,
-        kernel_name=kernel_name,
-        timeout=timeout,
-        resources={"metadata": {"path": str(cwd or path.parent)}},
-        store_widget_state=True,
-    )
-    try:
-        client.execute()
-    finally:
-        # nbclient shuts its kernel down itself, unless something interrupted it from outside (Ctrl-C, a
-        # test's time limit): then the kernel would go on computing until this process exits.
-        manager = client.km
-        if manager is not None and run_sync(manager.is_alive)():
-            run_sync(manager.shutdown_kernel)(now=True)
+    # The sockets get an absolute path prefix (a relative one would depend on each side's working folder).
+    with tempfile.TemporaryDirectory(prefix="kdbook-kernel-ipc-") as sockets:
+        client = NotebookClient(
+            notebook,
+            km=AsyncKernelManager(kernel_name=kernel_name, transport="ipc", ip=str(Path(sockets) / "kernel")),
+            kernel_name=kernel_name,
+            timeout=timeout,
+            allow_errors=allow_errors,
+            resources={"metadata": {"path": str(cwd or path.parent)}},
+            store_widget_state=True,
+        )
+        try:
+            client.execute()
+        finally:
+            # nbclient shuts its kernel down itself, unless something interrupted it from outside (Ctrl-C, a
+            # test's time limit): then the kernel would go on computing until this process exits.
+            manager = client.km
+            if manager is not None and run_sync(manager.is_alive)():
+                run_sync(manager.shutdown_kernel)(now=True)
     # Keep the notebook's own kernel name (python3) rather than our temporary one.
     notebook.metadata["kernelspec"] = original_kernelspec or {
         "name": "python3",
@@ -88,19 +106,44 @@ def execute_notebook(
     return notebook
 
 
-def run_all(paths: Sequence[Path], *, out_dir: Path | None, preset: str, timeout: int) -> int:
-    """Execute ``paths`` one by one, print a time per notebook, write executed copies; 0 when all pass."""
+def student_edition_of(path: Path, folder: Path) -> Path:
+    """Write the student edition of the lesson at ``path`` into ``folder`` (solutions stubbed, hidden tests
+    left out: what the book, Colab and Binder show) and return its path."""
+    editions = _editions()
+    target = folder / path.name
+    nbformat.write(editions.student_edition(editions.read_notebook(path), path.name), target)
+    return target
+
+
+def _editions() -> ModuleType:
+    name = "kdbook_editions"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("editions.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def run_all(
+    paths: Sequence[Path], *, out_dir: Path | None, preset: str, timeout: int, edition: str = "student"
+) -> int:
+    """Execute ``paths`` one by one (``edition`` "student": each lesson's student edition, as the book shows
+    it; "instructor": the notebooks as they are), print a time per notebook, write executed copies; 0 when
+    all pass."""
     failures: list[str] = []
     timings: list[tuple[str, float, str]] = []
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    with kernel_for_this_python(preset) as kernel_name:
+    with kernel_for_this_python(preset) as kernel_name, tempfile.TemporaryDirectory() as editions_folder:
         for path in paths:
-            print(f"▶ {path.name} (preset {preset}) ...", flush=True)
+            print(f"▶ {path.name} (preset {preset}, {edition} edition) ...", flush=True)
             start = time.perf_counter()
             status = "ok"
+            source = student_edition_of(path, Path(editions_folder)) if edition == "student" else path
             try:
-                executed = execute_notebook(path, kernel_name=kernel_name, timeout=timeout)
+                executed = execute_notebook(source, kernel_name=kernel_name, timeout=timeout, cwd=path.parent)
             except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
                 status = "FAILED"
                 failures.append(path.name)
@@ -136,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--preset", default=os.environ.get("KDBOOK_PRESET", "quick"), help="KDBOOK_PRESET value"
     )
     parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S, help="seconds allowed per cell")
+    parser.add_argument("--edition", choices=("student", "instructor"), default="student",
+                        help="run each lesson's student edition (default: what the book shows) or the "
+                             "instructor's notebook as it is")  # fmt: skip
     args = parser.parse_args(argv)
     paths = [path.resolve() for path in args.notebooks] or sorted(NOTEBOOKS.glob("*.ipynb"))
     if not paths:
@@ -145,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"Not found: {', '.join(missing)}", file=sys.stderr)
         return 1
-    return run_all(paths, out_dir=args.out, preset=args.preset, timeout=args.timeout)
+    return run_all(paths, out_dir=args.out, preset=args.preset, timeout=args.timeout, edition=args.edition)
 
 
 if __name__ == "__main__":

@@ -103,13 +103,14 @@ class NotebookRun:
 
 
 class ExecutedNotebooks:
-    """Runs each notebook at most once per session, in a fresh kernel running this Python with the quick
-    preset. All runs share one empty cache folder (``KDBOOK_CACHE``), so the teacher that ``00`` trains
-    is reused by the lessons, as in a student's session. Executed copies (outputs and widget state
-    included) are written to ``folder``."""
+    """Runs each notebook's student edition (what the book shows) at most once per session, in a fresh
+    kernel running this Python with the quick preset. All runs share one empty cache folder
+    (``KDBOOK_CACHE``), as in a student's session. Executed copies (outputs and widget state included)
+    are written to ``folder``."""
 
     def __init__(self, folder: Path, cache: Path) -> None:
         self.folder = folder
+        (folder / "editions").mkdir(exist_ok=True)
         self.cache = cache
         self.executor = load_executor()
         self.kernel_name: str = self.executor.KERNEL_NAME
@@ -124,8 +125,9 @@ class ExecutedNotebooks:
         error: Exception | None = None
         with self.executor.kernel_for_this_python("quick", {"KDBOOK_CACHE": str(self.cache)}) as name:
             try:
+                student = self.executor.student_edition_of(source, self.folder / "editions")
                 notebook = self.executor.execute_notebook(
-                    source, kernel_name=name, timeout=CELL_TIMEOUT_S, cwd=source.parent
+                    student, kernel_name=name, timeout=CELL_TIMEOUT_S, cwd=source.parent
                 )
             except (CellExecutionError, CellTimeoutError, DeadKernelError) as failure:
                 error = failure

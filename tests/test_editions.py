@@ -1,13 +1,14 @@
-"""The instructor's kit (scripts/editions.py): nbgrader marking, the student edition, the course layout and
-the autograder, with the real exercise checks of kdbook_utils.exercises.
+"""The instructor's kit (scripts/editions.py): nbgrader marking, the student edition made by nbgrader's own
+preprocessors, the course layout, grading with nbgrader, and the real exercise checks of
+kdbook_utils.exercises.
 
-Three editions of one notebook are graded in a fresh kernel each: the instructor edition gets full marks;
-the student edition runs top to bottom unfilled, gets zero on every exercise and fails nowhere else; a
-student edition with one exercise filled in with a mistake its checker knows loses that exercise's marks,
-with the checker's feedback. Small synthetic notebooks make this take seconds; the same checks run over
-every marked notebook in notebooks/ (tests marked ``notebook``, preset ``$KDBOOK_EDITIONS_PRESET``,
-default ``smoke``). Where nbgrader is installed (the ``instructor`` extra), its own preprocessors and
-commands check that our student edition and our grades are the ones nbgrader produces.
+Three editions of a notebook are executed once each and graded with nbgrader's ``determine_grade``: the
+instructor edition gets full marks; the unfilled student edition (with its hidden tests put back, as
+nbgrader's autograde does) gets zero on every exercise and fails nowhere else; every exercise filled in with
+a mistake its checker knows loses its marks, with the checker's feedback. A small synthetic notebook makes
+this take seconds. For the real notebooks (tests marked ``notebook``) the instructor and wrong-answer
+editions run in ``$KDBOOK_EDITIONS_PRESET`` (default ``smoke``), and the student edition is the one the
+notebook tests already executed in ``quick`` for the book.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import subprocess
 import sys
 import textwrap
 import zipfile
@@ -91,13 +90,14 @@ def checking_cell(grade_id: str, check: str, points: float) -> nbformat.Notebook
 
 
 def synthetic_lesson() -> nbformat.NotebookNode:
-    """A lesson in miniature with lesson 1's two exercises: a function to write (2 points), a prediction
-    to make (1 point), a written answer for the rubric, a read-only cell, and cells after the exercises."""
+    """A lesson in miniature with two of lesson 1's exercises: a function to write (2 points), a function
+    to write at the top level of a cell (1 point), a written answer for the rubric, a read-only cell, and
+    cells after the exercises."""
     cells = [
         new_markdown_cell("# A lesson in miniature"),
         new_code_cell(
             "import torch\nfrom torch.nn import functional as F\n"
-            "from kdbook_utils.exercises.hinton import check_high_temperature_prediction, check_kd_loss"
+            "from kdbook_utils.exercises.hinton import check_high_temperature_limit, check_kd_loss"
         ),
         new_code_cell("TEMPERATURE = 4.0  # the lesson's setting", metadata=nbgrader("settings", locked=True)),
         new_markdown_cell("## Exercise 1: write the KD loss"),
@@ -107,14 +107,13 @@ def synthetic_lesson() -> nbformat.NotebookNode:
             f"    ### BEGIN SOLUTION\n{KD_LOSS_SOLUTION}\n    ### END SOLUTION",
         ),
         checking_cell("hinton-kd-loss", "check_kd_loss(my_kd_loss)", 2),
-        new_markdown_cell("## Exercise 2: predict a very high temperature"),
+        new_markdown_cell("## Exercise 2: derive the limit at a very high temperature"),
         answer_cell(
             "high-temperature-answer",
-            'soft_targets_become = None  # "one-hot", "uniform" or "unchanged"\nkd_loss_becomes = None\n'
-            '### BEGIN SOLUTION\nsoft_targets_become = "uniform"\nkd_loss_becomes = "levels off"\n'
-            "### END SOLUTION",
+            "my_limit = None  # a function of (student_logits, teacher_logits)\n"
+            f"### BEGIN SOLUTION\nmy_limit = {LIMIT_SOLUTION}\n### END SOLUTION",
         ),
-        checking_cell("hinton-high-temperature", "check_high_temperature_prediction(soft_targets_become, kd_loss_becomes)", 1),
+        checking_cell("hinton-high-temperature", "check_high_temperature_limit(my_limit)", 1),
         new_markdown_cell(
             "### BEGIN SOLUTION\nAt high T the soft targets carry the teacher's logit differences.\n### END SOLUTION",
             metadata=nbgrader("why-high-temperature", grade=True, solution=True, points=1),
@@ -128,6 +127,10 @@ def synthetic_lesson() -> nbformat.NotebookNode:
     return notebook
 
 
+LIMIT_SOLUTION = (
+    "lambda z, v: ((z - z.mean(1, keepdim=True)) - (v - v.mean(1, keepdim=True))).pow(2).sum(1).mean()"
+    " / (2 * z.shape[1])"
+)
 KD_LOSS_WITHOUT_T_SQUARED = """\
 log_q = F.log_softmax(student_logits / temperature, dim=1)
 p = F.softmax(teacher_logits / temperature, dim=1)
@@ -136,9 +139,8 @@ return F.kl_div(log_q, p, reduction="batchmean")"""
 #: For each answer cell: a mistake its checker knows, the test cell that grades it, and the feedback.
 WRONG_ANSWERS: dict[str, tuple[str, str, str]] = {
     "kd-loss-answer": (KD_LOSS_WITHOUT_T_SQUARED, "hinton-kd-loss", "You forgot the factor T^2"),
-    "high-temperature-answer": (
-        'soft_targets_become = "one-hot"\nkd_loss_becomes = "levels off"', "hinton-high-temperature",
-        "they become uniform (1/C each)"),
+    "high-temperature-answer": ("my_limit = lambda z, v: (z - v).pow(2).sum(1).mean() / (2 * z.shape[1])",
+                                "hinton-high-temperature", "centre each image's logits"),
 }  # fmt: skip
 
 
@@ -157,11 +159,11 @@ def test_the_student_edition_stubs_solutions_and_drops_hidden_tests() -> None:
         "def my_kd_loss(student_logits, teacher_logits, temperature):\n"
         "    # YOUR CODE HERE\n    raise NotImplementedError()"
     ), "inside a function: nbgrader's stub"
-    assert prediction.source.endswith("kd_loss_becomes = None\n# YOUR CODE HERE"), "top level: no raise"
+    assert prediction.source.endswith("(student_logits, teacher_logits)\n# YOUR CODE HERE"), "top level: no raise"
     assert test.source == "check_kd_loss(my_kd_loss)"
     assert written.source == "YOUR ANSWER HERE"
     joined = "\n".join(sources(student))
-    for leaked in ("BEGIN", "END", "assert_passed", "levels off", "reduction=", "logit differences"):
+    for leaked in ("BEGIN", "END", "assert_passed", "pow(2)", "reduction=", "logit differences"):
         assert leaked not in joined, f"{leaked!r} leaked into the student edition"
     assert sources(instructor)[4].count("BEGIN SOLUTION") == 1, "the instructor's notebook is not modified"
     # Cells without a role are untouched, and every cell keeps its metadata and id.
@@ -186,23 +188,52 @@ def test_the_student_edition_clears_outputs_and_widget_state() -> None:
     instructor = synthetic_lesson()
     instructor.cells[1].outputs = [new_output("stream", name="stdout", text="hello")]
     instructor.cells[1].execution_count = 3
-    instructor.cells[1].metadata["scrolled"] = True
     instructor.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
     student = editions.student_edition(instructor)
     assert student.cells[1].outputs == [] and student.cells[1].execution_count is None
-    assert "scrolled" not in student.cells[1].metadata and "widgets" not in student.metadata
+    assert "widgets" not in student.metadata
     assert student.metadata["kernelspec"] == instructor.metadata["kernelspec"]
     nbformat.validate(student)
 
 
-def test_filling_an_answer_replaces_its_region_at_the_regions_indent() -> None:
+def test_nbgraders_own_stub_differs_only_at_the_top_level() -> None:
+    from nbgrader.preprocessors import ClearSolutions
+
+    instructor = synthetic_lesson()
+    stock, resources = copy.deepcopy(instructor), {"language": "python"}
+    stock, _ = ClearSolutions().preprocess(stock, resources)
+    ours = editions.student_edition(instructor)
+    differ = [i for i, (a, b) in enumerate(zip(stock.cells, ours.cells)) if a.source != b.source]
+    assert 7 in differ and stock.cells[7].source.endswith("raise NotImplementedError()")
+    assert stock.cells[4].source == ours.cells[4].source, "inside a function both stubs are nbgrader's"
+
+
+def test_filling_an_answer_replaces_its_stub_at_the_stubs_indent() -> None:
     filled = editions.student_edition(synthetic_lesson(), filled={"kd-loss-answer": "x = 1\nreturn x"})
     assert (
         filled.cells[4].source
         == "def my_kd_loss(student_logits, teacher_logits, temperature):\n    x = 1\n    return x"
     )
+    top = editions.student_edition(synthetic_lesson(), filled={"high-temperature-answer": "my_limit = abs"})
+    assert top.cells[7].source.endswith("(student_logits, teacher_logits)\nmy_limit = abs")
     with pytest.raises(KeyError, match="no-such-cell"):
         editions.student_edition(synthetic_lesson(), filled={"no-such-cell": "pass"})
+
+
+def test_with_answers_keeps_the_hidden_tests_as_nbgraders_autograde_runs_them() -> None:
+    graded = editions.with_answers(synthetic_lesson(), {"kd-loss-answer": "return 0"})
+    assert graded.cells[4].source == "def my_kd_loss(student_logits, teacher_logits, temperature):\n    return 0"
+    assert "assert_passed" in graded.cells[5].source
+    with pytest.raises(KeyError, match="nothing-here"):
+        editions.with_answers(synthetic_lesson(), {"nothing-here": "x = 1"})
+
+
+def test_a_damaged_notebook_is_named_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    damaged = tmp_path / "03_lesson.ipynb"
+    damaged.write_text('{"cells": [')  # cut short
+    assert editions.main(["check", str(damaged)]) == 1
+    message = capsys.readouterr().err
+    assert str(damaged) in message and "git checkout" in message
 
 
 # ---------------------------------------------------------------------------------- refusing bad marking
@@ -239,7 +270,7 @@ def broken(change: str) -> nbformat.NotebookNode:
     elif change == "a test that cannot fail":
         test.source = "check_kd_loss(my_kd_loss)"
     elif change == "a top-level answer without a default":
-        prediction.source = prediction.source.replace("soft_targets_become = None  ", "# ")
+        prediction.source = prediction.source.replace("my_limit = None  ", "# ")
     elif change == "an indented region outside a function":
         prediction.source = "if True:\n    ### BEGIN SOLUTION\n    x = 1\n    ### END SOLUTION"
     elif change == "a whole-cell solution":
@@ -263,7 +294,7 @@ BROKEN = {
     "solution outside an answer cell": "a solution region in a cell without nbgrader metadata",
     "hidden tests outside a test cell": "hidden tests in a cell that is not graded",
     "a test that cannot fail": "can never lose points",
-    "a top-level answer without a default": "binds soft_targets_become",
+    "a top-level answer without a default": "binds my_limit",
     "an indented region outside a function": "indented but not in a function body",
     "a whole-cell solution": "mark the solution between",
     "a solution shown in another cell": "cell 3 (markdown) shows 'p = F.softmax(teacher_logits / temperature, dim=1)'",
@@ -312,7 +343,7 @@ def test_generate_writes_the_student_edition_nbgraders_layout_and_zips(tmp_path:
     assert editions.main(["generate", str(plain), str(lesson), "--out", str(out), "--zip"]) == 0
     files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
     assert files == [
-        ".kdbook-editions", "nbgrader_config.py", "release/01_lesson/01_lesson.ipynb",
+        ".kdbook-editions", "nbgrader_config.py", "nbgrader_stubs.py", "release/01_lesson/01_lesson.ipynb",
         "source/01_lesson/01_lesson.ipynb", "student/00_start.ipynb", "student/01_lesson.ipynb",
         "zips/01_lesson.zip",
     ]  # fmt: skip
@@ -336,7 +367,7 @@ def test_generate_writes_the_student_edition_nbgraders_layout_and_zips(tmp_path:
     assert sorted(path.name for path in foreign.iterdir()) == ["notes.txt"]
 
 
-# ------------------------------------------------------------------------------------- scoring (no kernel)
+# --------------------------------------------------------------------------------- grading (no kernel)
 
 
 def graded_cell(outputs: list[Any], *, executed: bool = True, points: float = 2) -> nbformat.NotebookNode:
@@ -356,34 +387,16 @@ def graded_cell(outputs: list[Any], *, executed: bool = True, points: float = 2)
         ([new_output("error", ename="NameError", evalue="name 'f' is not defined", traceback=[])], True, 0,
          "NameError: name 'f' is not defined"),
         ([new_output("stream", name="stderr", text="UserWarning: careful\n")], True, 0, "wrote to stderr: UserWarning: careful"),
-        ([new_output("execute_result", data={"text/plain": "1.5"}, execution_count=1)], True, 1.5,
-         "partial credit 1.5 of 2"),
-        ([new_output("execute_result", data={"text/plain": "'text'"}, execution_count=1)], True, 2, "'text'"),
-        ([], False, 0, "not run (the kernel died or stopped before this cell)"),
+        ([new_output("execute_result", data={"text/plain": "1.5"}, execution_count=1)], True, 1.5, "1.5"),
+        ([], False, 0, "not run (the kernel stopped before it)"),
     ],
 )  # fmt: skip
-def test_test_cells_are_scored_as_nbgrader_scores_them(
+def test_an_executed_notebook_is_graded_with_nbgraders_determine_grade(
     outputs: list[Any], executed: bool, points: float, feedback: str
 ) -> None:
-    assert editions.score(graded_cell(outputs, executed=executed)) == (points, feedback)
-
-
-def test_sanitize_restores_the_instructors_cells_and_ids() -> None:
-    instructor = synthetic_lesson()
-    submission = editions.student_edition(instructor)
-    submission.cells[5].source = "print('I pass')"  # edited a locked test cell
-    submission.cells[5].metadata["nbgrader"]["points"] = 100  # and its points
-    submission.cells[2].source = "TEMPERATURE = 1000.0"  # edited a read-only cell
-    submission.cells[4].source += "\n# my notes"  # the answer is the student's own
-    submission.cells[10].metadata["nbgrader"] = {"grade_id": "invented", "grade": True, "points": 5}
-    del submission.cells[8]  # deleted a test cell
-    sanitized, missing = editions.sanitize(submission, instructor)
-    assert sanitized.cells[5].source == instructor.cells[5].source
-    assert sanitized.cells[5].metadata["nbgrader"]["points"] == 2
-    assert sanitized.cells[2].source == instructor.cells[2].source
-    assert sanitized.cells[4].source.endswith("# my notes")
-    assert "nbgrader" not in sanitized.cells[9].metadata, "a cell the instructor never marked is not graded"
-    assert missing == ["hinton-high-temperature"]
+    notebook = new_notebook(cells=[graded_cell(outputs, executed=executed)])
+    (cell,) = editions.grade_executed(notebook).cells
+    assert (cell.points, cell.max_points, cell.feedback) == (points, 2.0, feedback)
 
 
 # ------------------------------------------------------------------------------ grading in a fresh kernel
@@ -407,25 +420,40 @@ def kernel_name(course_cache: Path) -> Iterator[str]:
         yield name
 
 
+def execute(notebook: nbformat.NotebookNode, kernel: str, folder: Path, name: str) -> nbformat.NotebookNode:
+    path = folder / f"{name}.ipynb"
+    nbformat.write(notebook, path)
+    return editions.load_executor().execute_notebook(
+        path, kernel_name=kernel, timeout=GRADING_TIMEOUT_S, cwd=folder, allow_errors=True
+    )
+
+
+def as_autograded(instructor: nbformat.NotebookNode, submission: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """What nbgrader's autograde executes for ``submission``: the instructor's locked cells (the hidden
+    tests among them) put back."""
+    graded = copy.deepcopy(submission)
+    originals = {editions.grader_metadata(c).get("grade_id"): c for c in instructor.cells}
+    for cell in graded.cells:
+        original = originals.get(editions.grader_metadata(cell).get("grade_id"))
+        if original is not None and editions.is_locked(original):
+            cell.source = original.source
+    return graded
+
+
 @pytest.fixture(scope="module")
 def gradings(kernel_name: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The synthetic lesson graded as the instructor edition, the student edition, and the student edition
-    with each exercise filled in with a known mistake (one run each)."""
+    """The synthetic lesson executed once per edition and graded: the instructor edition, the unfilled
+    student edition with its hidden tests put back, and every exercise filled in with a known mistake."""
     instructor = synthetic_lesson()
     folder = tmp_path_factory.mktemp("grading")
-
-    def run(submission: nbformat.NotebookNode, name: str) -> Any:
-        return editions.grade(
-            submission, instructor, name=name, kernel_name=kernel_name, cwd=folder, timeout=GRADING_TIMEOUT_S
-        )
-
-    results = {
-        "instructor": run(instructor, "instructor"),
-        "student": run(editions.student_edition(instructor), "student"),
-    }
-    for answer, (code, _, _) in WRONG_ANSWERS.items():
-        results[answer] = run(editions.student_edition(instructor, filled={answer: code}), f"wrong {answer}")
-    return results
+    answers = {answer: code for answer, (code, _, _) in WRONG_ANSWERS.items()}
+    runs = {
+        "instructor": execute(instructor, kernel_name, folder, "instructor"),
+        "student": execute(as_autograded(instructor, editions.student_edition(instructor)), kernel_name, folder,
+                           "student"),
+        "wrong": execute(editions.with_answers(instructor, answers), kernel_name, folder, "wrong"),
+    }  # fmt: skip
+    return {name: editions.grade_executed(run, name) for name, run in runs.items()}
 
 
 def exercise_ids(notebook: nbformat.NotebookNode) -> list[str]:
@@ -466,8 +494,6 @@ def test_the_student_edition_gets_zero_marks_and_fails_nowhere_else(gradings: di
     for cell in grading.cells:
         if cell.kind == "autograded":
             assert cell.feedback.startswith("Not done yet."), (cell.grade_id, cell.feedback)
-        else:
-            assert cell.feedback.startswith("not answered"), (cell.grade_id, cell.feedback)
     assert errors_outside_test_cells(grading.graded) == []
     assert "after the exercises: torch.Size([4, 10])" in json.dumps(grading.graded.cells[-1].outputs)
 
@@ -477,21 +503,18 @@ def test_a_known_wrong_answer_loses_its_marks_with_the_checkers_feedback(
     gradings: dict[str, Any], answer: str
 ) -> None:
     _, test_id, feedback = WRONG_ANSWERS[answer]
-    grading = gradings[answer].by_id()
+    grading = gradings["wrong"].by_id()
     assert grading[test_id].points == 0 and grading[test_id].max_points > 0
     assert grading[test_id].feedback.startswith("Not yet.") and feedback in grading[test_id].feedback
-    others = [cell for grade_id, cell in grading.items() if grade_id != test_id and cell.kind == "autograded"]
-    assert all(cell.feedback.startswith("Not done yet.") for cell in others), "only this answer was filled in"
-    assert errors_outside_test_cells(gradings[answer].graded) == []
+    assert errors_outside_test_cells(gradings["wrong"].graded) == []
 
 
 def test_the_student_edition_runs_top_to_bottom_unfilled(kernel_name: str, tmp_path: Path) -> None:
     """Run as a student would (no hidden tests): no error anywhere, and each check says "not done yet"."""
-    path = tmp_path / "lesson.ipynb"
-    nbformat.write(editions.student_edition(synthetic_lesson()), path)
-    executed = editions.load_executor().execute_notebook(
-        path, kernel_name=kernel_name, timeout=GRADING_TIMEOUT_S
-    )
+    executed = execute(editions.student_edition(synthetic_lesson()), kernel_name, tmp_path, "lesson")
+    assert errors_outside_test_cells(executed) == [] and not [
+        o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
     for grade_id in exercise_ids(executed):
         (cell,) = [c for c in executed.cells if editions.grader_metadata(c).get("grade_id") == grade_id]
         (shown,) = [output for output in cell.outputs if output.output_type == "execute_result"]
@@ -499,40 +522,7 @@ def test_the_student_edition_runs_top_to_bottom_unfilled(kernel_name: str, tmp_p
         assert "Not done yet." in shown.data["text/html"]
 
 
-def test_the_grade_command_prints_the_table_and_writes_json(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    instructor, submission = tmp_path / "lesson.ipynb", tmp_path / "submitted" / "lesson.ipynb"
-    submission.parent.mkdir()
-    nbformat.write(synthetic_lesson(), instructor)
-    filled = {"kd-loss-answer": textwrap.dedent(KD_LOSS_SOLUTION)}
-    nbformat.write(editions.student_edition(synthetic_lesson(), filled=filled), submission)
-    code = editions.main(
-        [
-            "grade",
-            str(submission),
-            "--source",
-            str(instructor),
-            "--json",
-            str(tmp_path / "g.json"),
-            "--graded",
-            str(tmp_path / "graded"),
-            "--timeout",
-            str(GRADING_TIMEOUT_S),
-        ]
-    )
-    assert code == 0
-    table = capsys.readouterr().out
-    assert "hinton-kd-loss                2       2  Correct." in table
-    assert "hinton-high-temperature       0       1  Not done yet." in table
-    assert "why-high-temperature          0       1  not answered" in table
-    (result,) = json.loads((tmp_path / "g.json").read_text())
-    assert (result["points"], result["max_points"]) == (2.0, 4.0)
-    graded = nbformat.read(tmp_path / "graded" / "lesson.ipynb", as_version=4)
-    assert "assert_passed" in graded.cells[5].source, "graded with the hidden tests put back"
-
-
-# ---------------------------------------------------------------------------- the same with nbgrader itself
+# ---------------------------------------------------------------------------- grading with nbgrader itself
 
 
 def nbgrader_or_skip() -> ModuleType:
@@ -541,49 +531,56 @@ def nbgrader_or_skip() -> ModuleType:
     )
 
 
-def test_nbgrader_accepts_our_metadata_and_makes_the_same_student_edition(tmp_path: Path) -> None:
+def test_nbgrader_accepts_our_metadata() -> None:
     nbgrader_or_skip()
     from nbgrader.nbgraderformat import MetadataValidator
-    from nbgrader.preprocessors import (
-        CheckCellMetadata,
-        ClearHiddenTests,
-        ClearMarkScheme,
-        ClearOutput,
-        ClearSolutions,
-        ComputeChecksums,
-        LockCells,
-    )  # fmt: skip
 
-    instructor = synthetic_lesson()
-    ours = editions.student_edition(instructor)
-    MetadataValidator().validate_nb(ours)
-    MetadataValidator().validate_nb(instructor)
-    config_file = tmp_path / "nbgrader_config.py"
-    config_file.write_text(editions.NBGRADER_CONFIG.format(timeout=900))
-    namespace: dict[str, Any] = {"get_config": lambda: _Config()}
-    exec(compile(config_file.read_text(), str(config_file), "exec"), namespace)  # noqa: S102 (our own file)
+    MetadataValidator().validate_nb(editions.student_edition(synthetic_lesson()))
+    MetadataValidator().validate_nb(synthetic_lesson())
 
-    def nbgraders(clear_solutions: type) -> nbformat.NotebookNode:
-        notebook, resources = copy.deepcopy(instructor), {}
-        for step in (
-            LockCells,
-            clear_solutions,
-            ClearOutput,
-            CheckCellMetadata,
-            ComputeChecksums,
-            ClearHiddenTests,
-            ClearMarkScheme,
-            ComputeChecksums,
-            CheckCellMetadata,
-        ):
-            notebook, resources = step().preprocess(notebook, resources)
-        return notebook
 
-    assert nbgraders(namespace["RunnableClearSolutions"]) == ours
-    stock = nbgraders(ClearSolutions)
-    differ = [i for i, (a, b) in enumerate(zip(stock.cells, ours.cells)) if a.source != b.source]
-    assert differ == [7], "nbgrader's own stub differs only where an answer sits at the top level"
-    assert stock.cells[7].source.endswith("raise NotImplementedError()")
+@pytest.mark.timeout(300)
+def test_the_grade_command_grades_with_nbgrader_and_prints_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nbgrader generate_assignment and autograde, run by the grade command: its release is our student
+    edition, and a submission with a right and a wrong answer gets the marks and the checker's feedback."""
+    nbgrader_or_skip()
+    if not (Path(sys.executable).parent / "nbgrader").is_file():
+        pytest.skip("the nbgrader command is not installed next to this Python")
+    instructor, submission = tmp_path / "lesson.ipynb", tmp_path / "submitted" / "lesson.ipynb"
+    submission.parent.mkdir()
+    nbformat.write(synthetic_lesson(), instructor)
+    filled = {"kd-loss-answer": textwrap.dedent(KD_LOSS_SOLUTION), "high-temperature-answer":
+              WRONG_ANSWERS["high-temperature-answer"][0]}  # fmt: skip
+    nbformat.write(editions.student_edition(synthetic_lesson(), filled=filled), submission)
+    code = editions.main(["grade", str(submission), "--source", str(instructor), "--preset", "smoke",
+                          "--json", str(tmp_path / "g.json"), "--graded", str(tmp_path / "graded")])  # fmt: skip
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "hinton-kd-loss                2       2  Correct." in table
+    assert "hinton-high-temperature       0       1  Not yet." in table
+    assert "why-high-temperature          0       1" in table  # unanswered: nbgrader scores it zero
+    (result,) = json.loads((tmp_path / "g.json").read_text())
+    assert (result["points"], result["max_points"]) == (2.0, 4.0)
+    feedback = {cell["grade_id"]: cell["feedback"] for cell in result["cells"]}
+    assert "centre each image's logits" in feedback["hinton-high-temperature"]
+    graded = nbformat.read(tmp_path / "graded" / "lesson.ipynb", as_version=4)
+    assert "assert_passed" in graded.cells[5].source, "graded with the hidden tests put back"
+
+
+def test_the_course_configuration_makes_the_same_student_edition(tmp_path: Path) -> None:
+    """nbgrader_config.py, as generate writes it, gives nbgrader our runnable stubs."""
+    nbgrader_or_skip()
+    lesson = tmp_path / "in" / "demo.ipynb"
+    lesson.parent.mkdir()
+    nbformat.write(synthetic_lesson(), lesson)
+    course = tmp_path / "course"
+    editions.generate([lesson], course)
+    namespace: dict[str, Any] = {"get_config": lambda: _Config(), "__file__": str(course / "nbgrader_config.py")}
+    exec(compile((course / "nbgrader_config.py").read_text(), "nbgrader_config.py", "exec"), namespace)  # noqa: S102
+    steps = namespace["c"].GenerateAssignment.preprocessors
+    assert any(getattr(step, "__name__", "") == "RunnableClearSolutions" for step in steps)
 
 
 class _Config:
@@ -595,89 +592,32 @@ class _Config:
         return value
 
 
-def test_nbgraders_own_grades_match_ours(gradings: dict[str, Any]) -> None:
-    nbgrader_or_skip()
-    from nbgrader.utils import determine_grade
-
-    for name, grading in gradings.items():
-        for cell in grading.cells:
-            if cell.kind == "autograded" and cell.cell_index is not None:
-                points, max_points = determine_grade(grading.graded.cells[cell.cell_index])
-                assert (points, max_points) == (cell.points, cell.max_points), (name, cell.grade_id)
-
-
-@pytest.mark.timeout(300)
-def test_nbgrader_generate_assignment_and_autograde_agree_with_this_command(tmp_path: Path) -> None:
-    nbgrader_or_skip()
-    bin_folder = Path(sys.executable).parent
-    if not (bin_folder / "nbgrader").is_file() or not (bin_folder / "alembic").is_file():
-        pytest.skip("the nbgrader command is not installed next to this Python")
-    lesson = tmp_path / "in" / "demo.ipynb"
-    lesson.parent.mkdir()
-    nbformat.write(synthetic_lesson(), lesson)
-    course = tmp_path / "course"
-    editions.generate([lesson], course)
-    ours = (course / "release" / "demo" / "demo.ipynb").read_text()
-    code, wrong_answer = "kd-loss-answer", WRONG_ANSWERS["kd-loss-answer"][0]
-    submitted = course / "submitted" / "alice" / "demo" / "demo.ipynb"
-    submitted.parent.mkdir(parents=True)
-    nbformat.write(editions.student_edition(synthetic_lesson(), filled={code: wrong_answer}), submitted)
-    env = {
-        **os.environ,
-        "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}",
-        "KDBOOK_PRESET": "quick",
-    }
-    for command in (["generate_assignment", "demo", "--force"], ["autograde", "demo", "--create"]):
-        done = subprocess.run(
-            [str(bin_folder / "nbgrader"), *command],
-            cwd=course,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((course / "release" / "demo" / "demo.ipynb").read_text()) == json.loads(ours)
-    from nbgrader.api import Gradebook
-
-    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gradebook:
-        notebook = gradebook.find_submission_notebook("demo", "demo", "alice")
-        scores = {grade.name: (grade.auto_score, grade.max_score) for grade in notebook.grades}
-    assert scores["hinton-kd-loss"] == (0.0, 2.0) and scores["hinton-high-temperature"] == (0.0, 1.0)
-    autograded = nbformat.read(course / "autograded" / "alice" / "demo" / "demo.ipynb", as_version=4)
-    errors = [o.evalue for o in autograded.cells[5].outputs if o.output_type == "error"]
-    assert errors and "You forgot the factor T^2" in errors[0]
-    shutil.rmtree(course, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------- the real notebooks (later)
+# ------------------------------------------------------------------------------------- the real notebooks
 
 
 MARKED = [path for path in NOTEBOOKS if editions.is_marked(nbformat.read(path, as_version=4))]
-MARKED_OR_SKIP = MARKED or [
-    pytest.param(
-        None, marks=pytest.mark.skip(reason="no notebook in notebooks/ carries nbgrader markers yet")
-    )
-]
 
 #: For each answer cell of the real notebooks: a mistake its checker knows, its test cell, the feedback.
 NOTEBOOK_WRONG_ANSWERS: dict[str, tuple[str, str, str]] = {
     "hinton-kd-loss-answer": (KD_LOSS_WITHOUT_T_SQUARED, "hinton-kd-loss", "You forgot the factor T^2"),
     "hinton-high-temperature-answer": (
-        'soft_targets_become = "one-hot"\nkd_loss_becomes = "levels off"', "hinton-high-temperature",
-        "they become uniform (1/C each)"),
+        "classes = student_logits.shape[1]\nreturn ((student_logits - teacher_logits) ** 2).sum(dim=1).mean() / (2 * classes)",
+        "hinton-high-temperature", "centre each image's logits"),
+    "hinton-fewer-images-answer": (
+        'MY_PREDICTION = "larger"\nFEWER = {ALONE: {"method": ALONE, "images": 10**6}, "KD": {"method": KD, '
+        '"images": 10**6}}\nfewer_runs = "not run"', "hinton-fewer-images", "fewer than the lesson's"),
     "lsl-inter-class-gram-answer": (
         (
             "flat = features.reshape(len(features), -1).double()\n"
             "means = torch.stack([flat[labels == c].mean(dim=0) for c in range(num_classes)])\n"
             "return means @ means.T"
         ), "lsl-inter-class-gram", "the diagonal should be all 1"),
-    "lsl-bindings-answer": ('MY_BINDINGS = [("conv2", "conv2")]', "lsl-bindings", "lowest-scoring"),
+    "lsl-bindings-answer": ('MY_BINDINGS = list(LSP_CHOICE)\nMY_PREDICTION = "the same"\nown_runs = "not run"',
+                            "lsl-bindings", "Those are LSP's own bindings"),
     "crosslayer-fsp-matrix-answer": ('return torch.einsum("nihw,njhw->nij", a, b)', "crosslayer-fsp-matrix",
                                      "H*W"),
-    "crosslayer-cross-two-layers-answer": ('my_pairs = [("stem", "stage2"), ("stage1", "stage3")]',
-                                           "crosslayer-cross-two-layers", "'exact' reading"),
+    "crosslayer-ablation-row-answer": ('MY_ROW = P1_P2\nMY_PREDICTION = "better"\nrow_runs = "not run"',
+                                       "crosslayer-ablation-row", "already a row"),
     "mskd-exit-loss-answer": (
         (
             "log_q = F.log_softmax(exit_logits / temperature, dim=1)\n"
@@ -688,7 +628,7 @@ NOTEBOOK_WRONG_ANSWERS: dict[str, tuple[str, str, str]] = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("path", MARKED_OR_SKIP, ids=lambda p: getattr(p, "stem", "none"))
+@pytest.mark.parametrize("path", MARKED, ids=lambda p: p.stem)
 def test_every_marked_notebook_is_marked_correctly_and_has_a_known_wrong_answer(path: Path) -> None:
     notebook = nbformat.read(path, as_version=4)
     editions.check_marking(notebook, path.name)
@@ -699,36 +639,40 @@ def test_every_marked_notebook_is_marked_correctly_and_has_a_known_wrong_answer(
     ]
     missing = [answer for answer in answers if answer not in NOTEBOOK_WRONG_ANSWERS]
     assert not missing, f"add a known wrong answer for {missing} to NOTEBOOK_WRONG_ANSWERS"
+    assert len(answers) >= 2, "every lesson has exercises"
 
 
 @pytest.mark.notebook
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize("path", MARKED_OR_SKIP, ids=lambda p: getattr(p, "stem", "none"))
-def test_every_marked_notebook_grades_as_the_three_editions_should(path: Path, course_cache: Path) -> None:
-    """Instructor edition: full marks. Student edition: zero on every exercise, no error elsewhere. Every
-    exercise filled in with a known mistake (one run, as no later cell depends on an answer): each loses
-    its marks with its checker's feedback."""
+@pytest.mark.parametrize("path", MARKED, ids=lambda p: p.stem)
+def test_every_marked_notebook_grades_as_the_three_editions_should(
+    path: Path, course_cache: Path, executed_notebooks: Any
+) -> None:
+    """Instructor edition: full marks. Every exercise filled in with a known mistake (one run: no later cell
+    depends on an answer): each loses its marks with its checker's feedback. Student edition (the quick run
+    the book shows): no error, and every check says "not done yet"."""
     preset = os.environ.get("KDBOOK_EDITIONS_PRESET", "smoke")
     instructor = nbformat.read(path, as_version=4)
-    answers = {
-        answer: NOTEBOOK_WRONG_ANSWERS[answer][0]
-        for answer in NOTEBOOK_WRONG_ANSWERS
-        if any(editions.grader_metadata(c).get("grade_id") == answer for c in instructor.cells)
-    }
-
-    def run(submission: nbformat.NotebookNode) -> Any:
-        return editions.grade(submission, instructor, name=path.name, preset=preset, cwd=path.parent)
-
-    full = run(instructor)
+    answers = {answer: NOTEBOOK_WRONG_ANSWERS[answer][0] for answer in NOTEBOOK_WRONG_ANSWERS
+               if any(editions.grader_metadata(c).get("grade_id") == answer for c in instructor.cells)}  # fmt: skip
+    executor = editions.load_executor()
+    with executor.kernel_for_this_python(preset, {"KDBOOK_CACHE": str(course_cache)}) as kernel:
+        full = editions.grade_executed(execute(instructor, kernel, path.parent, f".{path.stem}-instructor"), path.name)
+        wrong = editions.grade_executed(execute(editions.with_answers(instructor, answers), kernel, path.parent,
+                                                f".{path.stem}-wrong"), path.name)  # fmt: skip
+    for scratch in path.parent.glob(f".{path.stem}-*.ipynb"):
+        scratch.unlink()
     assert full.points == sum(c.max_points for c in full.cells if c.kind == "autograded"), full.table()
     assert errors_outside_test_cells(full.graded) == []
-    empty = run(editions.student_edition(instructor, path.name))
-    assert all(c.points == 0 for c in empty.cells if c.kind == "autograded"), empty.table()
-    assert all(c.feedback.startswith("Not done yet.") for c in empty.cells if c.kind == "autograded"), (
-        empty.table()
-    )
-    assert errors_outside_test_cells(empty.graded) == []
-    wrong = run(editions.student_edition(instructor, path.name, filled=answers)).by_id()
+    by_id = wrong.by_id()
     for answer in answers:
         _, test_id, feedback = NOTEBOOK_WRONG_ANSWERS[answer]
-        assert wrong[test_id].points == 0 and feedback in wrong[test_id].feedback, (test_id, wrong[test_id])
+        assert by_id[test_id].points == 0 and feedback in by_id[test_id].feedback, (test_id, by_id[test_id])
+    assert errors_outside_test_cells(wrong.graded) == []
+    run = executed_notebooks.run(path)
+    assert run.error is None and run.executed is not None, run.error
+    student = nbformat.read(run.executed, as_version=4)
+    for grade_id in exercise_ids(student):
+        (cell,) = [c for c in student.cells if editions.grader_metadata(c).get("grade_id") == grade_id]
+        shown = [o.data["text/plain"] for o in cell.outputs if o.output_type == "execute_result"]
+        assert shown and shown[0].startswith("Not done yet."), (grade_id, shown)

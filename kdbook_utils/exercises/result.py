@@ -137,6 +137,8 @@ class Exercise:
         ``NotImplementedError`` (the starting stub) and a returned ``None`` or ``...`` are "not done";
         any other exception is "not yet", naming the exception and the learner's line that raised it.
         """
+        if function is None or function is Ellipsis:
+            return None, self.not_done("The function is not written yet: define it, then run the check again.")
         if not callable(function):
             return None, self.incorrect(
                 f"Expected a function, got {type(function).__name__}: define it with `def` and pass its name."
