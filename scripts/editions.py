@@ -27,6 +27,7 @@ A marked exercise in a lesson looks like this (the answer cell, then the test ce
 
 Commands (run from anywhere; paths default to this repository)::
 
+    python scripts/editions.py publish                 # notebooks/student/: what students open (committed)
     python scripts/editions.py generate [NOTEBOOK ...] [--out build/editions] [--zip]
     python scripts/editions.py check [NOTEBOOK ...]
     python scripts/editions.py grade SUBMISSION.ipynb [...] [--source INSTRUCTOR.ipynb] [--preset quick]
@@ -111,6 +112,8 @@ from nbgrader_stubs import TOP_LEVEL_STUB, RunnableClearSolutions  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_OUT = ROOT / "build" / "editions"
+PUBLISHED = NOTEBOOKS / "student"
+"""The committed student editions: what Colab, Binder and the book's launch buttons open."""
 DEFAULT_TIMEOUT_S = 900
 OWNED_FOLDERS = ("student", "source", "release", "zips")
 STAMP = ".kdbook-editions"
@@ -636,6 +639,26 @@ def generate(
     return written
 
 
+def publish(paths: Sequence[Path], folder: Path = PUBLISHED) -> list[Path]:
+    """Write the student edition of every notebook into ``folder`` (``notebooks/student/``), the copies that
+    Colab, Binder and the book's launch buttons open, and remove copies of notebooks that no longer exist.
+    The instructor's notebooks in ``notebooks/`` stay nbgrader's source."""
+    notebooks = {path: read_notebook(path) for path in paths}
+    for path, notebook in notebooks.items():
+        check_marking(notebook, path.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, notebook in notebooks.items():
+        target = folder / path.name
+        nbformat.write(student_edition(notebook, path.name), target)
+        written.append(target)
+    names = {path.name for path in paths}
+    for stale in folder.glob("*.ipynb"):
+        if stale.name not in names:
+            stale.unlink()
+    return written
+
+
 def read_notebook(path: Path) -> NotebookNode:
     """A notebook file, or a :class:`MarkingError` that names the file and what is wrong with it."""
     try:
@@ -815,6 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument(
         "--timeout", type=int, default=DEFAULT_TIMEOUT_S, help="seconds per cell in nbgrader_config.py"
     )
+    commands.add_parser("publish", help="write the student editions into notebooks/student/ (committed)")
     check = commands.add_parser("check", help="check the nbgrader marking only")
     check.add_argument(
         "notebooks", nargs="*", type=Path, help="instructor notebooks (default: notebooks/*.ipynb)"
@@ -841,6 +865,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     float(grader_metadata(c).get("points", 0)) for c in cells if is_grade(c) or is_task(c)
                 )
                 print(f"{path.name}: {len(cells)} marked cell(s), {points:g} point(s)")
+            return 0
+        if args.command == "publish":
+            for path in publish(_notebooks([])):
+                print(path.relative_to(ROOT))
             return 0
         if args.command == "generate":
             paths = _notebooks(args.notebooks)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -150,6 +152,35 @@ class ExecutedNotebooks:
 def executed_notebooks(tmp_path_factory: pytest.TempPathFactory) -> ExecutedNotebooks:
     folder, cache = tmp_path_factory.mktemp("executed-notebooks"), tmp_path_factory.mktemp("kdbook-cache")
     return ExecutedNotebooks(folder, cache)
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory: pytest.TempPathFactory, executed_notebooks: ExecutedNotebooks) -> Path:
+    """The book built once per session, as ``scripts/book.sh`` builds it, from this session's executed
+    notebooks (their student editions); every test that reads the built book reads this one."""
+    jupyter_book = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
+    if jupyter_book is None:
+        pytest.skip("jupyter-book is not installed (pip install -e '.[book]')")
+    runs = executed_notebooks.run_all()
+    failed = [run.source.name for run in runs if run.executed is None]
+    assert not failed, f"the book would lack pages: these notebooks failed to run: {', '.join(failed)}"
+    copy = tmp_path_factory.mktemp("book")
+    shutil.copytree(REPO / "kdbook", copy / "kdbook", ignore=shutil.ignore_patterns("_build", "lessons"))
+    shutil.copytree(REPO / "scripts", copy / "scripts")
+    (copy / "kdbook" / "lessons").mkdir()
+    for run in runs:
+        assert run.executed is not None
+        shutil.copy(run.executed, copy / "kdbook" / "lessons" / run.source.name)
+    generated = copy / "kdbook" / "_generated" / "times.md"
+    subprocess.run([sys.executable, "-c", f"from kdbook_utils.lessons import write_timings_markdown as w; "
+                    f"w({str(generated)!r})"], check=True)  # fmt: skip
+    toc = copy / "kdbook" / "_build" / "_toc.yml"
+    subprocess.run([sys.executable, str(copy / "scripts" / "book_toc.py"), str(toc)], check=True)
+    build = [jupyter_book, "build", str(copy / "kdbook"), "--toc", str(toc)]
+    result = subprocess.run(build, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "WARNING" not in result.stdout + result.stderr, "the book builds without warnings"
+    return copy / "kdbook" / "_build" / "html"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -403,29 +403,6 @@ def test_temperature_explorer_runs_in_jupyterlab_and_its_slider_redraws(
 # ---------------------------------------------------------------------------------------------- the book
 
 
-@pytest.fixture(scope="module")
-def built_book(tmp_path_factory: pytest.TempPathFactory, executed_notebooks: ExecutedNotebooks) -> Path:
-    """The book built as ``scripts/book.sh`` builds it, from this session's executed notebooks."""
-    chromium_and_driver()  # skip before a build that no browser will read
-    jupyter_book = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
-    if jupyter_book is None:
-        pytest.skip("jupyter-book is not installed (pip install -e '.[book]')")
-    runs = executed_notebooks.run_all()
-    failed = [run.source.name for run in runs if run.executed is None]
-    assert not failed, f"the book would lack pages: these notebooks failed to run: {', '.join(failed)}"
-    copy = tmp_path_factory.mktemp("book")
-    shutil.copytree(REPO / "kdbook", copy / "kdbook", ignore=shutil.ignore_patterns("_build", "lessons"))
-    shutil.copytree(REPO / "scripts", copy / "scripts")
-    (copy / "kdbook" / "lessons").mkdir()
-    for run in runs:
-        assert run.executed is not None
-        shutil.copy(run.executed, copy / "kdbook" / "lessons" / run.source.name)
-    toc = copy / "kdbook" / "_build" / "_toc.yml"
-    subprocess.run([sys.executable, str(copy / "scripts" / "book_toc.py"), str(toc)], check=True)
-    build = [jupyter_book, "build", str(copy / "kdbook"), "--toc", str(toc)]
-    result = subprocess.run(build, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return copy / "kdbook" / "_build" / "html"
 
 
 # Run in a book page once it has loaded: waits for MathJax and the images, then reports what a reader

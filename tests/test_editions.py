@@ -676,3 +676,16 @@ def test_every_marked_notebook_grades_as_the_three_editions_should(
         (cell,) = [c for c in student.cells if editions.grader_metadata(c).get("grade_id") == grade_id]
         shown = [o.data["text/plain"] for o in cell.outputs if o.output_type == "execute_result"]
         assert shown and shown[0].startswith("Not done yet."), (grade_id, shown)
+
+
+def test_the_published_student_editions_are_the_current_ones() -> None:
+    """notebooks/student/ holds exactly the student edition of every notebook (what Colab, Binder and the
+    book's buttons open): regenerate it with `python scripts/editions.py publish` after editing a lesson."""
+    published = sorted(path.name for path in editions.PUBLISHED.glob("*.ipynb"))
+    assert published == [path.name for path in NOTEBOOKS], "run: python scripts/editions.py publish"
+    for path in NOTEBOOKS:
+        expected = editions.student_edition(nbformat.read(path, as_version=4), path.name)
+        committed = nbformat.read(editions.PUBLISHED / path.name, as_version=4)
+        assert committed == expected, f"{path.name}: stale student edition; run: python scripts/editions.py publish"
+        text = (editions.PUBLISHED / path.name).read_text()
+        assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text

@@ -92,3 +92,80 @@ def test_notebook_runs_top_to_bottom(path: Path, executed_notebooks: ExecutedNot
             )
     kernel_name = executed_notebooks.kernel_name
     assert executed.metadata["kernelspec"]["name"] != kernel_name, "keeps the notebook's own kernel name"
+
+
+# ------------------------------------------------------------------------------- the code a lesson shows
+
+
+def package_code_cells() -> list[tuple[Path, int, str]]:
+    found = []
+    for path in NOTEBOOKS:
+        for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if "package-code" in cell.metadata.get("tags", []):
+                found.append((path, index, cell.source))
+    return found
+
+
+def test_lesson_1_shows_the_training_step_every_method_trains_with() -> None:
+    """The d2l pattern: the notebook's cell is the package's code, so the step a student reads is the one
+    that runs (a test fails as soon as the two differ)."""
+    import inspect
+
+    import kdbook_utils.train as train_module
+
+    cells = package_code_cells()
+    assert [path.stem for path, _, _ in cells] == ["01_hinton_kd"], "lesson 1 shows the step, once"
+    _, _, source = cells[0]
+    first, _, body = source.partition("\n")
+    assert first == "# kdbook_utils/train.py", "the cell names the file it is copied from"
+    assert body == inspect.getsource(train_module.train_step), "the cell and kdbook_utils.train.train_step differ"
+    assert 15 <= len(body.splitlines()) <= 30, "the step stays short enough to read in one go"
+
+
+#: What a "What you should see" sentence names, and the output that shows it.
+SEEN: dict[str, tuple[str, ...]] = {
+    "figure": ("image/png",),
+    "heatmap": ("image/png",),
+    "table": ("text/html",),
+    "verdict": ("text/markdown", "text/html"),
+    "sentence": ("text/markdown",),
+}
+
+
+def what_you_should_see(notebook: nbformat.NotebookNode) -> list[tuple[int, str, int]]:
+    """(markdown cell, its "What you should see" text, the next code cell) for every such paragraph."""
+    found = []
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "markdown" or "What you should see" not in cell.source:
+            continue
+        text = cell.source.split("What you should see", 1)[1].split("\n\n", 1)[0]
+        following = next((j for j in range(index + 1, len(notebook.cells))
+                          if notebook.cells[j].cell_type == "code"), None)  # fmt: skip
+        if following is not None:
+            found.append((index, text, following))
+    return found
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT_S)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_every_what_you_should_see_names_something_its_cell_shows(
+    path: Path, executed_notebooks: ExecutedNotebooks
+) -> None:
+    """A "What you should see" that names a figure, a table, a verdict or a sentence is followed by a cell
+    whose output holds that kind of thing, in the executed student edition."""
+    run = executed_notebooks.run(path)
+    if run.error is not None:
+        raise run.error
+    assert run.executed is not None
+    executed = nbformat.read(run.executed, as_version=4)
+    paragraphs = what_you_should_see(executed)
+    assert paragraphs or path.stem == "00_start_here", "a lesson says what to look for before its results"
+    for index, text, code_index in paragraphs:
+        kinds = {key for output in executed.cells[code_index].outputs for key in output.get("data", {})}
+        named = [word for word in SEEN if word in text.lower()]
+        assert named, f"cell {index}: 'What you should see' names no figure, table, verdict or sentence"
+        for word in named:
+            assert kinds & set(SEEN[word]), (
+                f"cell {index} says you should see a {word}, but cell {code_index} shows only {sorted(kinds)}"
+            )

@@ -5,6 +5,7 @@ offline build work."""
 
 from __future__ import annotations
 
+import html as html_module
 import importlib.util
 import json
 import re
@@ -317,36 +318,16 @@ def test_lesson_links_point_at_the_committed_notebooks() -> None:
 
 
 @pytest.mark.book
-def test_book_builds_offline(tmp_path: Path) -> None:
-    """Build the book from a copy holding one tiny executed lesson; the lesson's links must be rewritten."""
-    jupyter_book = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
-    if jupyter_book is None:
-        pytest.skip("jupyter-book is not installed (pip install -e '.[book]')")
-    import nbformat
-
-    copy = tmp_path / "repo"
-    shutil.copytree(BOOK, copy / "kdbook", ignore=shutil.ignore_patterns("_build", "lessons"))
-    shutil.copytree(REPO / "scripts", copy / "scripts")
-    notebook = nbformat.v4.new_notebook()
-    notebook.cells = [nbformat.v4.new_markdown_cell("# A lesson\n\nThe loss $T^2 \\mathrm{KL}(p\\|q)$.")]
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    (copy / "kdbook" / "lessons").mkdir()
-    nbformat.write(notebook, copy / "kdbook" / "lessons" / "01_hinton_kd.ipynb")
-    toc = copy / "kdbook" / "_build" / "_toc.yml"
-    subprocess.run([sys.executable, str(copy / "scripts" / "book_toc.py"), str(toc)], check=True)
-    result = subprocess.run(
-        [jupyter_book, "build", str(copy / "kdbook"), "--toc", str(toc)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    html = copy / "kdbook" / "_build" / "html"
+@pytest.mark.notebook
+def test_book_builds_offline(built_book: Path) -> None:
+    """The book built from this session's executed notebooks (one build, shared with every test that reads
+    it): the lessons' links are rewritten to the committed notebooks, math and scripts are the book's own."""
+    html = built_book
     assert (html / "index.html").is_file()
     lesson = (html / "lessons" / "01_hinton_kd.html").read_text()
     assert "colab.research.google.com/github/kdbook/kdbook/blob/main/notebooks/01_hinton_kd.ipynb" in lesson
     assert "kdbook/lessons/01_hinton_kd.ipynb" not in lesson
-    assert "A lesson" in lesson
+    assert "Lesson 1" in lesson
     # Math is typeset by the book's own copy of MathJax, and code wraps (kdbook/_static/kdbook.css).
     assert 'src="../_static/mathjax/tex-chtml.js"' in lesson
     assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
@@ -354,3 +335,73 @@ def test_book_builds_offline(tmp_path: Path) -> None:
     assert "_static/kdbook.css" in lesson and "pre-wrap" in (html / "_static" / "kdbook.css").read_text()
     scripts = re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", lesson)
     assert scripts and not [src for src in scripts if "://" in src], f"scripts from the network: {scripts}"
+
+
+def book_text(page: Path) -> str:
+    """A built page's visible text, line by line (tags dropped, entities decoded)."""
+    markup = re.sub(r"(?is)<(script|style)\b.*?</\1>", "", page.read_text())
+    markup = re.sub(r"(?i)<br\s*/?>|</(p|div|li|tr|h[1-6]|pre)>", "\n", markup)
+    return html_module.unescape(re.sub(r"<[^>]+>", "", markup))
+
+
+def solution_lines() -> list[str]:
+    """Every line of every solution region of the instructor's notebooks (long enough to be telling)."""
+    import nbformat
+
+    lines = []
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            inside = False
+            for line in cell.source.split("\n"):
+                if "BEGIN SOLUTION" in line:
+                    inside = True
+                elif "END SOLUTION" in line:
+                    inside = False
+                elif inside and len(line.strip()) >= 20 and not line.strip().startswith("#"):
+                    lines.append(line.strip())
+    return lines
+
+
+@pytest.mark.book
+@pytest.mark.notebook
+def test_the_built_book_shows_no_solution(built_book: Path) -> None:
+    """The book is the student edition: no solution region, no hidden test, no line of a solution."""
+    solutions = solution_lines()
+    assert len(solutions) > 10, "the notebooks' solutions were found"
+    leaks = []
+    for page in sorted(built_book.rglob("*.html")):
+        text = page.read_text()
+        for marker in ("BEGIN SOLUTION", "BEGIN HIDDEN TESTS", "assert_passed"):
+            if marker in text:
+                leaks.append(f"{page.relative_to(built_book)}: {marker}")
+        visible = book_text(page)
+        leaks += [f"{page.relative_to(built_book)}: {line!r}" for line in solutions if line in visible]
+    assert not leaks, "solution code in the built book: " + "; ".join(leaks[:8])
+
+
+@pytest.mark.book
+@pytest.mark.notebook
+def test_the_built_book_renders_every_markdown_table(built_book: Path) -> None:
+    """A Markdown table (in a page or a notebook output) becomes an HTML table, never raw '| a | b |' text."""
+    raw = []
+    for page in sorted(built_book.rglob("*.html")):
+        for line in book_text(page).splitlines():
+            if re.match(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?\s*$", line):
+                raw.append(f"{page.relative_to(built_book)}: {line.strip()[:60]}")
+    assert not raw, "raw Markdown tables in the built book: " + "; ".join(raw[:8])
+    lesson = (built_book / "lessons" / "01_hinton_kd.html").read_text()
+    assert "<table" in lesson
+
+
+@pytest.mark.book
+@pytest.mark.notebook
+def test_every_page_loads_each_of_its_scripts_once(built_book: Path) -> None:
+    """A script included twice redeclares its constants (THEBE_JS_URL) and logs an error on every page."""
+    repeated = []
+    for page in sorted(built_book.rglob("*.html")):
+        text = page.read_text()
+        sources = re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", text)
+        repeated += [f"{page.relative_to(built_book)}: {src}" for src in set(sources) if sources.count(src) > 1]
+        if text.count("THEBE_JS_URL =") > 1:
+            repeated.append(f"{page.relative_to(built_book)}: THEBE_JS_URL declared {text.count('THEBE_JS_URL =')} times")
+    assert not repeated, "; ".join(repeated[:8])

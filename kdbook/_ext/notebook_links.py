@@ -1,9 +1,10 @@
-"""Sphinx extension: point a lesson page's launch and repository links at its source notebook.
+"""Sphinx extension: point a lesson page's launch and repository links at its student edition.
 
 The book renders executed copies written to ``kdbook/lessons/`` (not committed); the notebooks students
-should open live in ``notebooks/``. sphinx-book-theme builds its Binder, Colab and "source" links from
-the page's path in the book, so they would name ``kdbook/lessons/NAME.ipynb``; this rewrites them to
-``notebooks/NAME.ipynb`` after the theme has made them.
+open are the committed student editions in ``notebooks/student/`` (no solutions; ``notebooks/`` itself
+holds the instructor's, nbgrader's source). sphinx-book-theme builds its Binder, Colab and "source" links
+from the page's path in the book, so they would name ``kdbook/lessons/NAME.ipynb``; this rewrites them to
+``notebooks/student/NAME.ipynb`` after the theme has made them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from sphinx.application import Sphinx
 
 BOOK_LESSONS = "kdbook/lessons/"
-SOURCE_NOTEBOOKS = "notebooks/"
+SOURCE_NOTEBOOKS = "notebooks/student/"
 
 
 def _rewrite(value: Any) -> Any:
