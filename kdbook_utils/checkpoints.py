@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
 import tempfile
-import json
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -54,8 +54,8 @@ __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
     "NotACheckpointError",
-    "UnverifiedCheckpointWarning",
     "ShippedModelError",
+    "UnverifiedCheckpointWarning",
     "cache_dir",
     "content_sha256",
     "file_sha256",

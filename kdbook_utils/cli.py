@@ -74,7 +74,6 @@ STAGES: dict[str, dict[str, Stage]] = {name: entry.runner.STAGES for name, entry
 """Each lesson's stages, in the order its ``record()`` runs them (a stage's rows carry its name)."""
 
 
-
 # --------------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------------
@@ -296,11 +295,6 @@ def _several_values(assignment: str, name: str) -> UsageError:
                       f"without spaces, e.g. --set {name}={items}; repeating --set {name}=... adds to it.")  # fmt: skip
 
 
-def _override(settings: Any, assignment: str) -> Any:
-    """``settings`` with one field changed from ``FIELD=VALUE`` (the value read as a Python literal)."""
-    return dataclasses.replace(settings, **dict([_assignment(settings, assignment)]))
-
-
 def _assignment(settings: Any, assignment: str) -> tuple[str, Any]:
     """``(field, value)`` of ``FIELD=VALUE``, the value converted to the field's declared type."""
     fields = {field.name: field for field in dataclasses.fields(settings)}
@@ -475,7 +469,7 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
     started = time.perf_counter()
     try:
-        splits = preset_data(preset, root=root)
+        splits = preset_data(preset, root=root, progress=progress)
     except DatasetNotFoundError as error:
         raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
     except DamagedDataError as error:
@@ -615,7 +609,9 @@ def comparison_text(runs: pd.DataFrame, provenance: dict[str, Any]) -> str:
         output = declared.output if declared is not None else None
         if split not in set(part["split"]):
             split = str(part["split"].iloc[0])
-        lines.append(f"\nStage {stage} ({split} split{f', output {output!r}' if output else ''}, accuracy in %):")
+        lines.append(
+            f"\nStage {stage} ({split} split{f', output {output!r}' if output else ''}, accuracy in %):"
+        )
         if baseline is not None and baseline in set(part["method"]):
             comparison = compare(part, baseline, split=split, output=output)
             columns = ["mean", "std", "seeds", "difference", "ci_low", "ci_high", "verdict"]

@@ -335,6 +335,7 @@ def load_dataset(
     seed: int = 0,
     *,
     channels: int = 3,
+    progress: bool = True,
 ) -> ImageDataset:
     """Load a data set split as an :class:`ImageDataset` of uint8 images.
 
@@ -377,7 +378,7 @@ def load_dataset(
     if dataset_name == "digits":
         dataset = _load_digits(split_name, channels)
     elif dataset_name in ("cifar10", "cifar100"):
-        dataset = _load_cifar(dataset_name, split_name, data_root(root), download)
+        dataset = _load_cifar(dataset_name, split_name, data_root(root), download, progress)
     else:
         if download:
             raise ValueError(
@@ -403,7 +404,9 @@ VALIDATION_SEED = 1234
 """Seed of the validation hold-out: fixed, so every lesson and every run validates on the same images."""
 
 
-def preset_data(preset: Preset, root: str | os.PathLike | None = None, download: bool = False) -> DataSplits:
+def preset_data(
+    preset: Preset, root: str | os.PathLike | None = None, download: bool = False, *, progress: bool = True
+) -> DataSplits:
     """The ``(train, val, test)`` splits of a preset.
 
     ``val`` is a stratified hold-out of ``preset.val_size`` images from the training split (drawn with
@@ -415,7 +418,7 @@ def preset_data(preset: Preset, root: str | os.PathLike | None = None, download:
         name = f"get_preset({preset!r})" if isinstance(preset, str) else "get_preset('quick')"
         raise TypeError(must_be("preset_data's preset", "a Preset", preset if isinstance(preset, str) else
                                 Seen(f"a {type(preset).__name__}"), f"Pass the preset itself: preset_data({name})."))  # fmt: skip
-    full = load_dataset(preset.dataset, "train", root, download)
+    full = load_dataset(preset.dataset, "train", root, download, progress=progress)
     if preset.val_size:
         train, val = full.holdout(preset.val_size, seed=VALIDATION_SEED)
         val.split = "val"
@@ -425,7 +428,9 @@ def preset_data(preset: Preset, root: str | os.PathLike | None = None, download:
         )
     if preset.train_subset is not None and preset.train_subset < len(train):
         train = train.subset(preset.train_subset, seed=0)
-    test = load_dataset(preset.dataset, "test", root, download, subset=preset.test_subset, seed=0)
+    test = load_dataset(
+        preset.dataset, "test", root, download, subset=preset.test_subset, seed=0, progress=progress
+    )
     return DataSplits(train, val, test)
 
 
@@ -560,7 +565,7 @@ _CIFAR_FORMATS = {
 }
 
 
-def _load_cifar(name: str, split: str, root: Path, download: bool) -> ImageDataset:
+def _load_cifar(name: str, split: str, root: Path, download: bool, progress: bool = True) -> ImageDataset:
     release = _CIFAR_FORMATS[name]
     files = release.train_files if split == "train" else release.test_files
     looked_for: list[str] = []
@@ -577,7 +582,7 @@ def _load_cifar(name: str, split: str, root: Path, download: bool) -> ImageDatas
         if tree is not None:
             class_count = sum(1 for entry in tree.iterdir() if entry.is_dir())
             if class_count == release.num_classes:
-                images, labels, classes = _read_image_folder(tree)
+                images, labels, classes = _read_image_folder(tree, progress)
                 break
             notes.append(f"{tree} has {class_count} class folders, not {release.num_classes}: skipped")
     else:
@@ -707,7 +712,7 @@ def _image_folder_split(folder: Path, split: str) -> Path | None:
     return None
 
 
-def _read_image_folder(tree: Path) -> tuple[Tensor, Tensor, list[str]]:
+def _read_image_folder(tree: Path, progress: bool = True) -> tuple[Tensor, Tensor, list[str]]:
     """Decode ``tree/<class>/<image>`` (classes in sorted order), with a cache of the decoded tensors.
 
     The cache file in ``<cache>/decoded/`` is keyed by the tree's path and checked against every file's
@@ -742,7 +747,7 @@ def _read_image_folder(tree: Path) -> tuple[Tensor, Tensor, list[str]]:
             # a corrupt or foreign file: decode again and overwrite it
             warnings.warn(f"Ignoring the unreadable cache file {cache_file} ({error}).", stacklevel=3)
 
-    images = _decode_images(files)
+    images = _decode_images(files, progress)
     label_tensor = torch.tensor(labels, dtype=torch.int64)
     record = {"signature": signature, "images": images, "labels": label_tensor, "classes": classes}
     try:
@@ -752,13 +757,12 @@ def _read_image_folder(tree: Path) -> tuple[Tensor, Tensor, list[str]]:
     return images, label_tensor, classes
 
 
-def _decode_images(files: list[Path]) -> Tensor:
+def _decode_images(files: list[Path], progress: bool = True) -> Tensor:
     """Decode image files into one uint8 ``(N, 3, H, W)`` tensor; every image must have the same size."""
     images: Tensor | None = None
-    progress = tqdm(
-        files, desc="Decoding images (once, then cached)", unit="img", disable=len(files) < 5000, leave=False
-    )
-    for index, path in enumerate(progress):
+    bar = tqdm(files, desc="Decoding images (once, then cached)", unit="img",
+               disable=not progress or len(files) < 5000, leave=False)  # fmt: skip
+    for index, path in enumerate(bar):
         try:
             with Image.open(path) as opened:
                 image = torch.from_numpy(np.array(opened.convert("RGB"))).permute(2, 0, 1)  # HWC -> CHW

@@ -62,9 +62,9 @@ from kdbook_utils.presets import Preset
 __all__ = [
     "CrossEntropy",
     "Distiller",
+    "DivergedError",
     "NonFiniteLossError",
     "TeacherOutputs",
-    "DivergedError",
     "TrainingPhase",
     "check_precision",
     "choose_device",
@@ -588,7 +588,6 @@ def resolve_device(device: DeviceLike = None) -> torch.device:
     return distributed.local_device(choose_device("auto" if device is None else device))
 
 
-
 # --------------------------------------------------------------------------------------------------------
 # The training step, and the loop around it
 # --------------------------------------------------------------------------------------------------------
@@ -743,7 +742,9 @@ def fit(
     student = _student_of(method)
     progress = progress and distributed.is_main_process()
     bars = _ProgressBars(sum(phase.epochs for phase in phases), _length(train_loader), desc, progress)
-    step = _StepSettings(device, channels_last, scaler, precision, grad_clip, student, check_output=not compile)
+    step = _StepSettings(
+        device, channels_last, scaler, precision, grad_clip, student, check_output=not compile
+    )
     rows: list[dict[str, Any]] = []
     good_state = _trainable_state(method)
     try:
@@ -854,8 +855,11 @@ def _train_epoch(
 def _check_method_output(module: nn.Module, inputs: Any, output: Any) -> None:
     """A forward hook for the first batch: the method returned ``(logits, {term name: loss})``."""
     if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict) and output[1]):
-        got = f"a dict of {len(output[1])} terms" if isinstance(output, tuple) and len(output) == 2 and \
-            isinstance(output[1], dict) else type(output).__name__
+        got = (
+            f"a dict of {len(output[1])} terms"
+            if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict)
+            else type(output).__name__
+        )
         raise TypeError(
             f"{type(module).__name__}.forward must return (logits, {{term_name: loss}}) with at least one loss "
             f"term, e.g. (logits, {{'ce': F.cross_entropy(logits, labels)}}); got {got}."
@@ -946,7 +950,6 @@ class _ProgressBars:
     def close(self) -> None:
         self.batches.close()
         self.epochs.close()
-
 
 
 def _sgd(

@@ -107,7 +107,7 @@ from nbgrader.preprocessors import (
 from nbgrader.utils import determine_grade
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbgrader_stubs import TOP_LEVEL_STUB, RunnableClearSolutions  # noqa: E402
+from nbgrader_stubs import TOP_LEVEL_STUB, RunnableClearSolutions
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -527,7 +527,9 @@ def _fill(student: NotebookNode, answers: dict[str, str], name: str) -> None:
         for line in lines:
             if line.strip() == TOP_LEVEL_STUB:
                 indent = line[: len(line) - len(line.lstrip())]
-                result += [indent + answer_line if answer_line else answer_line for answer_line in answer.split("\n")]
+                result += [
+                    indent + answer_line if answer_line else answer_line for answer_line in answer.split("\n")
+                ]
             elif line.strip() not in stub_lines:
                 result.append(line)
         cell.source = "\n".join(result)
@@ -546,7 +548,8 @@ def with_answers(notebook: NotebookNode, answers: Mapping[str, str], name: str =
         answer = remaining.pop(grader_metadata(cell).get("grade_id", ""), None)
         if answer is not None:
             cell.source = replace_solutions(
-                cell.source, {region.begin: answer.split("\n") for region in find_regions(cell.source, "solution")}
+                cell.source,
+                {region.begin: answer.split("\n") for region in find_regions(cell.source, "solution")},
             )
     if remaining:
         raise KeyError(f"{name}: no answer cell has grade_id {sorted(remaining)}")
@@ -755,7 +758,9 @@ def grade_executed(notebook: NotebookNode, name: str = "notebook") -> Grading:
             continue
         grade_id, max_points = grader_metadata(cell)["grade_id"], float(grader_metadata(cell)["points"])
         if is_task(cell) and not is_grade(cell):
-            cells.append(CellGrade(grade_id, "task", None, max_points, "to grade by hand with the rubric", index))
+            cells.append(
+                CellGrade(grade_id, "task", None, max_points, "to grade by hand with the rubric", index)
+            )
             continue
         if cell.cell_type == "code" and not is_solution(cell) and cell.get("execution_count") is None:
             cells.append(CellGrade(grade_id, "autograded", 0.0, max_points, "not run (the kernel stopped before it)",
@@ -764,7 +769,9 @@ def grade_executed(notebook: NotebookNode, name: str = "notebook") -> Grading:
         points, _ = determine_grade(cell)
         kind = "autograded" if cell.cell_type == "code" and not is_solution(cell) else "manual"
         feedback = _feedback(cell) if kind == "autograded" else "to grade by hand with the rubric"
-        cells.append(CellGrade(grade_id, kind, None if points is None else float(points), max_points, feedback, index))
+        cells.append(
+            CellGrade(grade_id, kind, None if points is None else float(points), max_points, feedback, index)
+        )
     return Grading(name, cells, notebook)
 
 
@@ -788,13 +795,22 @@ def grade(
         submitted = course / "submitted" / student / assignment / instructor.name
         submitted.parent.mkdir(parents=True)
         shutil.copy(submission, submitted)
-        env = {**os.environ, "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}", "KDBOOK_PRESET": preset}
-        for command in (["generate_assignment", assignment, "--force"], ["autograde", assignment, "--create"]):
+        env = {
+            **os.environ,
+            "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}",
+            "KDBOOK_PRESET": preset,
+        }
+        for command in (
+            ["generate_assignment", assignment, "--force"],
+            ["autograde", assignment, "--create"],
+        ):
             done = subprocess.run([str(bin_folder / "nbgrader"), *command], cwd=course, env=env, capture_output=True,
                                   text=True, check=False)  # fmt: skip
             if done.returncode != 0:
                 raise RuntimeError(f"nbgrader {' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        autograded = nbformat.read(course / "autograded" / student / assignment / instructor.name, as_version=4)
+        autograded = nbformat.read(
+            course / "autograded" / student / assignment / instructor.name, as_version=4
+        )
     return grade_executed(autograded, submission.name)
 
 

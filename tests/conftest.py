@@ -172,8 +172,8 @@ def built_book(tmp_path_factory: pytest.TempPathFactory, executed_notebooks: Exe
         assert run.executed is not None
         shutil.copy(run.executed, copy / "kdbook" / "lessons" / run.source.name)
     generated = copy / "kdbook" / "_generated" / "times.md"
-    subprocess.run([sys.executable, "-c", f"from kdbook_utils.lessons import write_timings_markdown as w; "
-                    f"w({str(generated)!r})"], check=True)  # fmt: skip
+    subprocess.run([sys.executable, "-c", (f"from kdbook_utils.lessons import write_timings_markdown as w; "
+                    f"w({str(generated)!r})")], check=True)  # fmt: skip
     toc = copy / "kdbook" / "_build" / "_toc.yml"
     subprocess.run([sys.executable, str(copy / "scripts" / "book_toc.py"), str(toc)], check=True)
     build = [jupyter_book, "build", str(copy / "kdbook"), "--toc", str(toc)]

@@ -451,13 +451,22 @@ CASES: dict[str, Case] = {
         "x.item()",
     ),
     "lesson: a preset renamed without its settings": Case(
-        lambda _: HintonLesson.settings_for(get_preset("quick").replace(name="my-quick")), ValueError,
-        "'my-quick'", "settings=SETTINGS['quick']",
+        lambda _: HintonLesson.settings_for(get_preset("quick").replace(name="my-quick")),
+        ValueError,
+        "'my-quick'",
+        "settings=SETTINGS['quick']",
     ),
     "training: an unknown precision": Case(
-        lambda _: fit(nn.Linear(2, 2), [(torch.zeros(2, 1, 1, 2), torch.zeros(2, dtype=torch.long))], epochs=1,
-                      precision="fp8", progress=False),
-        ValueError, "'fp8'", "preset_precision(PRESET, DEVICE)",
+        lambda _: fit(
+            nn.Linear(2, 2),
+            [(torch.zeros(2, 1, 1, 2), torch.zeros(2, dtype=torch.long))],
+            epochs=1,
+            precision="fp8",
+            progress=False,
+        ),
+        ValueError,
+        "'fp8'",
+        "preset_precision(PRESET, DEVICE)",
     ),
     # ----------------------------------------------------------------------------------------- metrics
     "accuracy: a label out of range": Case(

@@ -403,8 +403,6 @@ def test_temperature_explorer_runs_in_jupyterlab_and_its_slider_redraws(
 # ---------------------------------------------------------------------------------------------- the book
 
 
-
-
 # Run in a book page once it has loaded: waits for MathJax and the images, then reports what a reader
 # would see. Widgets: each widget view with its model's state (to tell tqdm's progress bars, which have
 # no figure, from the rest) and whether a loaded image sits in the same cell output.

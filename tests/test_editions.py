@@ -159,7 +159,9 @@ def test_the_student_edition_stubs_solutions_and_drops_hidden_tests() -> None:
         "def my_kd_loss(student_logits, teacher_logits, temperature):\n"
         "    # YOUR CODE HERE\n    raise NotImplementedError()"
     ), "inside a function: nbgrader's stub"
-    assert prediction.source.endswith("(student_logits, teacher_logits)\n# YOUR CODE HERE"), "top level: no raise"
+    assert prediction.source.endswith("(student_logits, teacher_logits)\n# YOUR CODE HERE"), (
+        "top level: no raise"
+    )
     assert test.source == "check_kd_loss(my_kd_loss)"
     assert written.source == "YOUR ANSWER HERE"
     joined = "\n".join(sources(student))
@@ -222,7 +224,9 @@ def test_filling_an_answer_replaces_its_stub_at_the_stubs_indent() -> None:
 
 def test_with_answers_keeps_the_hidden_tests_as_nbgraders_autograde_runs_them() -> None:
     graded = editions.with_answers(synthetic_lesson(), {"kd-loss-answer": "return 0"})
-    assert graded.cells[4].source == "def my_kd_loss(student_logits, teacher_logits, temperature):\n    return 0"
+    assert (
+        graded.cells[4].source == "def my_kd_loss(student_logits, teacher_logits, temperature):\n    return 0"
+    )
     assert "assert_passed" in graded.cells[5].source
     with pytest.raises(KeyError, match="nothing-here"):
         editions.with_answers(synthetic_lesson(), {"nothing-here": "x = 1"})
@@ -428,7 +432,9 @@ def execute(notebook: nbformat.NotebookNode, kernel: str, folder: Path, name: st
     )
 
 
-def as_autograded(instructor: nbformat.NotebookNode, submission: nbformat.NotebookNode) -> nbformat.NotebookNode:
+def as_autograded(
+    instructor: nbformat.NotebookNode, submission: nbformat.NotebookNode
+) -> nbformat.NotebookNode:
     """What nbgrader's autograde executes for ``submission``: the instructor's locked cells (the hidden
     tests among them) put back."""
     graded = copy.deepcopy(submission)
@@ -577,7 +583,10 @@ def test_the_course_configuration_makes_the_same_student_edition(tmp_path: Path)
     nbformat.write(synthetic_lesson(), lesson)
     course = tmp_path / "course"
     editions.generate([lesson], course)
-    namespace: dict[str, Any] = {"get_config": lambda: _Config(), "__file__": str(course / "nbgrader_config.py")}
+    namespace: dict[str, Any] = {
+        "get_config": lambda: _Config(),
+        "__file__": str(course / "nbgrader_config.py"),
+    }
     exec(compile((course / "nbgrader_config.py").read_text(), "nbgrader_config.py", "exec"), namespace)  # noqa: S102
     steps = namespace["c"].GenerateAssignment.preprocessors
     assert any(getattr(step, "__name__", "") == "RunnableClearSolutions" for step in steps)
@@ -604,8 +613,8 @@ NOTEBOOK_WRONG_ANSWERS: dict[str, tuple[str, str, str]] = {
         "classes = student_logits.shape[1]\nreturn ((student_logits - teacher_logits) ** 2).sum(dim=1).mean() / (2 * classes)",
         "hinton-high-temperature", "centre each image's logits"),
     "hinton-fewer-images-answer": (
-        'MY_PREDICTION = "larger"\nFEWER = {ALONE: {"method": ALONE, "images": 10**6}, "KD": {"method": KD, '
-        '"images": 10**6}}\nfewer_runs = "not run"', "hinton-fewer-images", "fewer than the lesson's"),
+        ('MY_PREDICTION = "larger"\nFEWER = {ALONE: {"method": ALONE, "images": 10**6}, "KD": {"method": KD, '
+        '"images": 10**6}}\nfewer_runs = "not run"'), "hinton-fewer-images", "fewer than the lesson's"),
     "lsl-inter-class-gram-answer": (
         (
             "flat = features.reshape(len(features), -1).double()\n"
@@ -657,7 +666,9 @@ def test_every_marked_notebook_grades_as_the_three_editions_should(
                if any(editions.grader_metadata(c).get("grade_id") == answer for c in instructor.cells)}  # fmt: skip
     executor = editions.load_executor()
     with executor.kernel_for_this_python(preset, {"KDBOOK_CACHE": str(course_cache)}) as kernel:
-        full = editions.grade_executed(execute(instructor, kernel, path.parent, f".{path.stem}-instructor"), path.name)
+        full = editions.grade_executed(
+            execute(instructor, kernel, path.parent, f".{path.stem}-instructor"), path.name
+        )
         wrong = editions.grade_executed(execute(editions.with_answers(instructor, answers), kernel, path.parent,
                                                 f".{path.stem}-wrong"), path.name)  # fmt: skip
     for scratch in path.parent.glob(f".{path.stem}-*.ipynb"):
@@ -686,6 +697,8 @@ def test_the_published_student_editions_are_the_current_ones() -> None:
     for path in NOTEBOOKS:
         expected = editions.student_edition(nbformat.read(path, as_version=4), path.name)
         committed = nbformat.read(editions.PUBLISHED / path.name, as_version=4)
-        assert committed == expected, f"{path.name}: stale student edition; run: python scripts/editions.py publish"
+        assert committed == expected, (
+            f"{path.name}: stale student edition; run: python scripts/editions.py publish"
+        )
         text = (editions.PUBLISHED / path.name).read_text()
         assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text

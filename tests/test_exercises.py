@@ -21,11 +21,11 @@ from torch.nn import functional as F
 
 from kdbook_utils.exercises import CheckResult
 from kdbook_utils.exercises.crosslayer import check_ablation_row, check_fsp_matrix
-from kdbook_utils.lessons.crosslayer import P1_P2, STUDENT_ALONE, ablation_grid, unique_settings
 from kdbook_utils.exercises.hinton import check_fewer_images, check_high_temperature_limit, check_kd_loss
 from kdbook_utils.exercises.lsl import LSP_LABEL, OWN_LABEL, check_inter_class_gram, check_own_bindings
 from kdbook_utils.exercises.mskd import check_exit_loss, check_threshold_for_budget
 from kdbook_utils.exercises.result import Exercise
+from kdbook_utils.lessons.crosslayer import P1_P2, STUDENT_ALONE, ablation_grid, unique_settings
 
 EXERCISES = Path(__file__).resolve().parents[1] / "kdbook_utils" / "exercises"
 
@@ -201,9 +201,13 @@ def test_check_fewer_images_checks_the_experiment_the_verdict_and_the_quoted_dif
     assert_result(check_fewer_images(jobs, runs, "larger", "better", "It got better.", 300), "incorrect",
                   "Quote your run's own")  # fmt: skip
     too_many = {label: {**job, "images": 400} for label, job in jobs.items()}
-    assert_result(check_fewer_images(too_many, runs, "larger", "better", right, 300), "incorrect", "fewer than")
+    assert_result(
+        check_fewer_images(too_many, runs, "larger", "better", right, 300), "incorrect", "fewer than"
+    )
     unpaired = {**jobs, "KD": {**jobs["KD"], "images": 50}}
-    assert_result(check_fewer_images(unpaired, runs, "larger", "better", right, 300), "incorrect", "same number")
+    assert_result(
+        check_fewer_images(unpaired, runs, "larger", "better", right, 300), "incorrect", "same number"
+    )
     one_seed = fewer_images_runs(3.0, seeds=1)
     assert_result(check_fewer_images(jobs, one_seed, "larger", "better", right, 300), "incorrect", "One seed")
 
@@ -381,7 +385,10 @@ ROW_WHY = "My row gave +2.1 points over the student alone, better, as I predicte
 def row_runs(gain: float, seeds: int = 3) -> pd.DataFrame:
     rows = []
     for seed in range(seeds):
-        for method, accuracy in ((STUDENT_ALONE.label, 60.0 + seed), (MY_ROW.label, 60.0 + seed + gain + 0.1 * seed)):
+        for method, accuracy in (
+            (STUDENT_ALONE.label, 60.0 + seed),
+            (MY_ROW.label, 60.0 + seed + gain + 0.1 * seed),
+        ):
             rows.append({"method": method, "seed": seed, "split": "test", "output": "final", "accuracy": accuracy,
                          "failed": ""})  # fmt: skip
     return pd.DataFrame(rows)
@@ -481,7 +488,9 @@ def test_check_threshold_for_budget() -> None:
     not_best = assert_result(
         check_threshold_for_budget(0.0, exits, labels, macs, 30.0e6), "incorrect", "finer grid of thresholds"
     )
-    assert "1.01" not in not_best.feedback and "1.0" not in not_best.feedback.replace("0.0", ""), "no answer given"
+    assert "1.01" not in not_best.feedback and "1.0" not in not_best.feedback.replace("0.0", ""), (
+        "no answer given"
+    )
     assert_result(
         check_threshold_for_budget(0.5, exits, labels, macs, 5.0e6), "incorrect", "No threshold meets"
     )
@@ -535,7 +544,9 @@ def _checks(answer: Any, tables: tuple[pd.DataFrame, pd.DataFrame]) -> dict[str,
         "high_temperature": lambda: check_high_temperature_limit(answer),
         "fewer_images": lambda: check_fewer_images(answer, answer, answer, answer, answer, 300),
         "bindings": lambda: check_own_bindings(answer, LSP_BINDINGS, answer, answer, answer, answer, *tables),
-        "ablation_row": lambda: check_ablation_row(answer, GRID, answer, answer, answer, answer, "student alone"),
+        "ablation_row": lambda: check_ablation_row(
+            answer, GRID, answer, answer, answer, answer, "student alone"
+        ),
         "threshold": lambda: check_threshold_for_budget(answer, exits, labels, [1.0, 2.0], 3.0),
     }
 

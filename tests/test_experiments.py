@@ -231,9 +231,13 @@ def test_a_shipped_teacher_is_found_by_its_recipe_whatever_the_precision(
 
     (record,) = ship(Runner(), "a test", folder)  # type: ignore[arg-type]
     assert record["stored_as"] == "float16" and record["precision"] == "float32"
-    assert 0 <= record["test_accuracy"] <= 100 and record["sha256"] == checkpoints.file_sha256(folder / record["file"])
+    assert 0 <= record["test_accuracy"] <= 100 and record["sha256"] == checkpoints.file_sha256(
+        folder / record["file"]
+    )
     monkeypatch.setattr(checkpoints, "SHIPPED", folder)
-    monkeypatch.setattr(experiments_module, "shipped_model", lambda name: checkpoints.shipped_model(name, folder))
+    monkeypatch.setattr(
+        experiments_module, "shipped_model", lambda name: checkpoints.shipped_model(name, folder)
+    )
     monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "empty-cache"))
     for precision in (None, "bf16"):
         found = cached_teacher("resnet8", splits, epochs=1, batch_size=32, progress=False, precision=precision,
@@ -242,7 +246,9 @@ def test_a_shipped_teacher_is_found_by_its_recipe_whatever_the_precision(
         for name, value in trained.model.state_dict().items():  # the half-precision copy, back in float32
             loaded = found.model.state_dict()[name]
             assert loaded.dtype == value.dtype
-            torch.testing.assert_close(loaded, value.half().to(value.dtype) if value.is_floating_point() else value)
+            torch.testing.assert_close(
+                loaded, value.half().to(value.dtype) if value.is_floating_point() else value
+            )
     with pytest.raises(TeacherNotTrainedError, match="train_teachers=True"):
         cached_teacher("resnet8", splits, epochs=2, batch_size=32, progress=False, may_train=False)
 

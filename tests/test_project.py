@@ -401,7 +401,11 @@ def test_every_page_loads_each_of_its_scripts_once(built_book: Path) -> None:
     for page in sorted(built_book.rglob("*.html")):
         text = page.read_text()
         sources = re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", text)
-        repeated += [f"{page.relative_to(built_book)}: {src}" for src in set(sources) if sources.count(src) > 1]
+        repeated += [
+            f"{page.relative_to(built_book)}: {src}" for src in set(sources) if sources.count(src) > 1
+        ]
         if text.count("THEBE_JS_URL =") > 1:
-            repeated.append(f"{page.relative_to(built_book)}: THEBE_JS_URL declared {text.count('THEBE_JS_URL =')} times")
+            repeated.append(
+                f"{page.relative_to(built_book)}: THEBE_JS_URL declared {text.count('THEBE_JS_URL =')} times"
+            )
     assert not repeated, "; ".join(repeated[:8])

@@ -513,7 +513,10 @@ def test_a_presets_precision_rule_follows_the_preset_and_the_cpu(monkeypatch: py
     monkeypatch.setattr(train_module, "cpu_runs_bfloat16_natively", lambda: False)  # emulated: stay float32
     assert train_module.preset_precision(get_preset("lab"), cpu) is None
     assert train_module.check_precision("bf16", cpu) is torch.bfloat16
-    assert train_module.precision_name(torch.bfloat16) == "bfloat16" and train_module.precision_name(None) == "float32"
+    assert (
+        train_module.precision_name(torch.bfloat16) == "bfloat16"
+        and train_module.precision_name(None) == "float32"
+    )
     with pytest.raises(TypeError, match="cpu_bf16"):
         get_preset("lab").replace(cpu_bf16="yes")
     with pytest.raises(TypeError, match="a Preset"):
@@ -525,7 +528,9 @@ def test_fit_trains_in_the_precision_it_is_given(monkeypatch: pytest.MonkeyPatch
 
     class Recorder(CrossEntropy):
         def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+            seen.append(
+                torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+            )
             return super().forward(images, labels)
 
     train, _ = loaders()
@@ -554,7 +559,9 @@ def test_train_step_is_one_sgd_step_on_the_sum_of_the_terms() -> None:
         expected[name] -= 0.5 * gradient
     method = TwoTerms(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    out, losses = train_module.train_step(method, images, labels, optimizer, train_module.grad_scaler(None, cpu_device()))
+    out, losses = train_module.train_step(
+        method, images, labels, optimizer, train_module.grad_scaler(None, cpu_device())
+    )
     assert set(losses) == {"ce", "l2"} and out.shape == (8, 3)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.detach(), expected[name])
@@ -577,5 +584,3 @@ def test_fit_stops_on_divergence_and_puts_the_last_good_epoch_back() -> None:
     assert all(torch.isfinite(v.float()).all() for v in state.values())
     # A sane rate trains on: the same run at lr=0.05 does not stop.
     assert len(fit(small_resnet(), train, epochs=2, lr=0.05, progress=False)) == 2
-
-

@@ -80,8 +80,13 @@ def check_fsp_matrix(candidate: FSPFunction) -> CheckResult:
 
 @never_raises(ABLATION_ROW)
 def check_ablation_row(
-    row: object, grid_labels: Sequence[str], runs: object, prediction: object, verdict: object,
-    explanation: object, alone_label: str,
+    row: object,
+    grid_labels: Sequence[str],
+    runs: object,
+    prediction: object,
+    verdict: object,
+    explanation: object,
+    alone_label: str,
 ) -> CheckResult:
     """Check the experiment of exercise 2: an ablation row of the learner's own (an ``Ablation`` the
     lesson's grid does not have), trained over the seeds beside the student alone, with the verdict their
@@ -91,9 +96,13 @@ def check_ablation_row(
                                      "row_runs, then fill in your verdict and explanation.")  # fmt: skip
     label = getattr(row, "label", None)
     if not isinstance(label, str) or not hasattr(row, "num_teachers"):
-        return ABLATION_ROW.incorrect(f"MY_ROW must be an Ablation, e.g. P1_P2.replace(k=2); got {type(row).__name__}.")
+        return ABLATION_ROW.incorrect(
+            f"MY_ROW must be an Ablation, e.g. P1_P2.replace(k=2); got {type(row).__name__}."
+        )
     if getattr(row, "num_teachers", 0) == 0:
-        return ABLATION_ROW.incorrect("MY_ROW has no teacher: that is the student alone, the baseline itself.")
+        return ABLATION_ROW.incorrect(
+            "MY_ROW has no teacher: that is the student alone, the baseline itself."
+        )
     if label in set(grid_labels):
         return ABLATION_ROW.incorrect(f"{label!r} is already a row of the lesson's ablation: change one of its "
                                       "fields (k, mode, use_kl, kl_mode, num_teachers, ensemble, gram).")  # fmt: skip

@@ -29,7 +29,9 @@ __all__ = [
 KDLossFunction = Callable[[Tensor, Tensor, float], Tensor]
 
 KD_LOSS = Exercise("hinton-kd-loss", "Lesson 1, exercise 1: the KD loss")
-HIGH_TEMPERATURE = Exercise("hinton-high-temperature", "Lesson 1, exercise 2: the limit at a very high temperature")
+HIGH_TEMPERATURE = Exercise(
+    "hinton-high-temperature", "Lesson 1, exercise 2: the limit at a very high temperature"
+)
 FEWER_IMAGES = Exercise("hinton-fewer-images", "Lesson 1, exercise 3: an experiment with fewer images")
 
 
@@ -79,7 +81,10 @@ def _cases(
     generator = torch.Generator().manual_seed(0)
     cases = []
     if student_logits is not None and teacher_logits is not None:
-        real_student, real_teacher = student_logits[:64].detach().float(), teacher_logits[:64].detach().float()
+        real_student, real_teacher = (
+            student_logits[:64].detach().float(),
+            teacher_logits[:64].detach().float(),
+        )
         cases += [(real_student, real_teacher, temperature) for temperature in (1.0, 4.0, 16.0)]
     for batch, classes, temperature in [(8, 10, 4.0), (5, 10, 1.0), (16, 100, 2.0), (1, 3, 8.0)]:
         cases.append((torch.randn(batch, classes, generator=generator) * 3,
@@ -144,7 +149,9 @@ def check_kd_loss(
                 "The value is right but its gradient is not: is part of it computed without autograd?"
             )
     real = " (the lesson's own logits among them)" if student_logits is not None else ""
-    return KD_LOSS.correct(f"Your kd_loss matches the reference on every test batch{real}, value and gradient.")
+    return KD_LOSS.correct(
+        f"Your kd_loss matches the reference on every test batch{real}, value and gradient."
+    )
 
 
 LimitFunction = Callable[[Tensor, Tensor], Tensor]
@@ -178,15 +185,15 @@ def check_high_temperature_limit(
         batch, classes = student.shape
         uncentred = ((student - teacher) ** 2).sum(dim=1).mean().item() / (2 * classes)
         slips = [
-            (reference * 2, "Your value is twice the limit: look at where the 1/2 of the expansion comes from "
-                            "(the second-order term of exp(x/T), or integrating the gradient)."),
-            (reference * classes, "Your value is C times the limit (C, the number of classes): check the "
-                                  "factor the softmax's denominator contributes at high temperature."),
-            (reference / classes, "Your value is 1/C times the limit: you divided by the number of classes "
-                                  "twice, or averaged over classes instead of summing."),
+            (reference * 2, ("Your value is twice the limit: look at where the 1/2 of the expansion comes from "
+                            "(the second-order term of exp(x/T), or integrating the gradient).")),
+            (reference * classes, ("Your value is C times the limit (C, the number of classes): check the "
+                                  "factor the softmax's denominator contributes at high temperature.")),
+            (reference / classes, ("Your value is 1/C times the limit: you divided by the number of classes "
+                                  "twice, or averaged over classes instead of summing.")),
             (reference * batch, "Your value is B times the limit: average over the batch, do not sum."),
-            (uncentred, "Your value changes when every logit of an image is shifted by the same amount, which "
-                        "a softmax ignores: centre each image's logits first."),
+            (uncentred, ("Your value changes when every logit of an image is shifted by the same amount, which "
+                        "a softmax ignores: centre each image's logits first.")),
         ]  # fmt: skip
         for wrong, hint in slips:
             if _close(got, wrong, 1e-6):
@@ -215,7 +222,9 @@ def check_fewer_images(
                                       "the student with KD.")  # fmt: skip
     methods = sorted(str(job.get("method")) for job in jobs.values() if isinstance(job, dict))
     if methods != ["KD", "student alone"]:
-        return FEWER_IMAGES.incorrect(f"The two jobs' methods are {methods}; one must be ALONE, the other KD.")
+        return FEWER_IMAGES.incorrect(
+            f"The two jobs' methods are {methods}; one must be ALONE, the other KD."
+        )
     sizes = {job.get("images") for job in jobs.values()}
     if len(sizes) != 1 or None in sizes:
         return FEWER_IMAGES.incorrect("Give both jobs the same number of images (the 'images' key), so the "

@@ -20,7 +20,14 @@ from torch import Tensor
 from kdbook_utils.exercises.result import CheckResult, Exercise, experiment_report, never_raises, uses
 from kdbook_utils.methods.lsl import inter_class_gram
 
-__all__ = ["BINDINGS", "INTER_CLASS_GRAM", "LSP_LABEL", "OWN_LABEL", "check_inter_class_gram", "check_own_bindings"]
+__all__ = [
+    "BINDINGS",
+    "INTER_CLASS_GRAM",
+    "LSP_LABEL",
+    "OWN_LABEL",
+    "check_inter_class_gram",
+    "check_own_bindings",
+]
 
 InterClassGram = Callable[[Tensor, Tensor, int], Tensor]
 
@@ -94,7 +101,9 @@ def check_inter_class_gram(candidate: InterClassGram) -> CheckResult:
     return INTER_CLASS_GRAM.correct("Symmetric, unit diagonal, and equal to the cosine of the class means.")
 
 
-def _pairs(bindings: object, teacher_table: pd.DataFrame, student_table: pd.DataFrame) -> list[tuple[str, str]] | str:
+def _pairs(
+    bindings: object, teacher_table: pd.DataFrame, student_table: pd.DataFrame
+) -> list[tuple[str, str]] | str:
     """The bindings as ``[(teacher layer, student layer), ...]``, or what is wrong with them."""
     if not isinstance(bindings, (list, tuple)) or not bindings:
         return "MY_BINDINGS must be a non-empty list of (teacher layer, student layer) pairs."

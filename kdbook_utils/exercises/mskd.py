@@ -176,9 +176,9 @@ def check_threshold_for_budget(
             got_accuracy, got_macs = float(reported_accuracy), float(reported_macs)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return THRESHOLD_FOR_BUDGET.incorrect("MY_TEST_ACCURACY and MY_TEST_MACS must be numbers.")
-        if abs(got_accuracy - on_test.accuracy(test_labels)) > 0.05 or abs(got_macs - on_test.mean_macs) > max(
-            1.0, 1e-3 * on_test.mean_macs
-        ):
+        if abs(got_accuracy - on_test.accuracy(test_labels)) > 0.05 or abs(
+            got_macs - on_test.mean_macs
+        ) > max(1.0, 1e-3 * on_test.mean_macs):
             return THRESHOLD_FOR_BUDGET.incorrect(
                 "Your reported test accuracy or mean MACs are not what your threshold gives on the test split: "
                 "measure them with mskd.early_exit on the test logits (accuracy in percent, MACs per image)."

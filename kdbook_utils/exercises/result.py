@@ -138,7 +138,9 @@ class Exercise:
         any other exception is "not yet", naming the exception and the learner's line that raised it.
         """
         if function is None or function is Ellipsis:
-            return None, self.not_done("The function is not written yet: define it, then run the check again.")
+            return None, self.not_done(
+                "The function is not written yet: define it, then run the check again."
+            )
         if not callable(function):
             return None, self.incorrect(
                 f"Expected a function, got {type(function).__name__}: define it with `def` and pass its name."
@@ -244,11 +246,15 @@ def experiment_report(
         return exercise.incorrect("One seed cannot tell a gain from seed noise: run the jobs over two or more "
                                   "seeds (e.g. SETTINGS.seeds).")  # fmt: skip
     if not str(verdict or "").strip() or not str(explanation or "").strip():
-        return exercise.not_done("Now write the verdict your comparison gives (MY_VERDICT) and your explanation.")
+        return exercise.not_done(
+            "Now write the verdict your comparison gives (MY_VERDICT) and your explanation."
+        )
     words = ("better", "worse", "inconclusive")
     given = str(verdict).strip().lower()
     if given not in words:
-        return exercise.incorrect(f"MY_VERDICT is {verdict!r}: use one of the three words {', '.join(words)}.")
+        return exercise.incorrect(
+            f"MY_VERDICT is {verdict!r}: use one of the three words {', '.join(words)}."
+        )
     computed = str(row["verdict"])
     if given != computed:
         return exercise.incorrect("Your verdict does not follow from your comparison: read where its 95 % "
@@ -258,4 +264,6 @@ def experiment_report(
     if not any(abs(abs(number) - abs(difference)) <= 0.051 for number in numbers):
         return exercise.incorrect("Quote your run's own mean paired difference (in points, one decimal) in "
                                   "your explanation, and say whether your prediction held.")  # fmt: skip
-    return exercise.correct(f"Your verdict and explanation follow from your {int(row['seeds'])} paired seeds.")
+    return exercise.correct(
+        f"Your verdict and explanation follow from your {int(row['seeds'])} paired seeds."
+    )

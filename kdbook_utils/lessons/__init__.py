@@ -228,7 +228,9 @@ class LessonRunner:
     def __post_init__(self) -> None:
         self.cache = TeacherOutputCache()
         self.runs: dict[tuple[str, int], StudentRun] = {}
-        self.executor: Callable[[LessonRunner, Mapping[str, Mapping[str, Any]], Sequence[int]], pd.DataFrame] | None = None
+        self.executor: (
+            Callable[[LessonRunner, Mapping[str, Mapping[str, Any]], Sequence[int]], pd.DataFrame] | None
+        ) = None
         """Who runs :meth:`table`'s grid: None, this process, one run after the other; or e.g.
         :class:`kdbook_utils.lessons.sweep.RayExecutor`, each (job, seed) a Ray task. Same table either way."""
 
@@ -303,7 +305,11 @@ class LessonRunner:
         seeds = ", ".join(str(seed) for seed in getattr(self.settings, "seeds", ()))
         teachers = self.teacher_models()
         first = next(iter(teachers.values()))
-        where = {"shipped": "shipped with the course", "cache": "from your cache", "trained": "trained in this run"}
+        where = {
+            "shipped": "shipped with the course",
+            "cache": "from your cache",
+            "trained": "trained in this run",
+        }
         learned = _images_in(first)
         text = (
             f"**Scale** (preset `{self.preset.name}`, device `{self.device}`, "

@@ -371,7 +371,9 @@ class CrossLayerRunner(LessonRunner):
         if "chain" in spec:
             route = spec["chain"]
             if route not in (*CHAIN_ROUTES.values(), "intermediate"):
-                raise ValueError(f"Unknown chain route {route!r}; the routes are {list(CHAIN_ROUTES.values())}.")
+                raise ValueError(
+                    f"Unknown chain route {route!r}; the routes are {list(CHAIN_ROUTES.values())}."
+                )
             return {"chain": route}
         return dataclasses.asdict(Ablation(**spec))
 
@@ -383,7 +385,9 @@ class CrossLayerRunner(LessonRunner):
                   "device": self.device, "precision": self.precision}  # fmt: skip
         teachers = [teacher.model for teacher in self.teachers[: setting.num_teachers]]
         if setting.num_teachers == 0:
-            return train_student(self.build, None, self.splits, epochs=s.gram_epochs + s.task_epochs, **common)
+            return train_student(
+                self.build, None, self.splits, epochs=s.gram_epochs + s.task_epochs, **common
+            )
         if setting.hinton:
             return train_student(self.build, lambda student: HintonKD(student, teachers[0]), self.splits,
                                  epochs=s.gram_epochs + s.task_epochs, **common)  # fmt: skip
@@ -413,7 +417,11 @@ class CrossLayerRunner(LessonRunner):
 
     def trained_models(self) -> dict[str, TrainedModel]:
         r50, adapted = self.chain_teachers()
-        return {**self.teacher_models(), "chain teacher (ResNet-50)": r50, "chain teacher with 1x1 adapters": adapted}
+        return {
+            **self.teacher_models(),
+            "chain teacher (ResNet-50)": r50,
+            "chain teacher with 1x1 adapters": adapted,
+        }
 
     @property
     def student_epochs(self) -> int:
@@ -475,4 +483,3 @@ class CrossLayerRunner(LessonRunner):
                     for name, model in (("ResNet-50", r50.model), ("ResNet-50 with 1x1 adapters", adapted.model),
                                         ("ResNet-18 (distilled from it)", self.chain_intermediate()))}  # fmt: skip
         return runs, teachers
-

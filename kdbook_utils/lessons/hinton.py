@@ -25,7 +25,6 @@ from kdbook_utils.experiments import (
 from kdbook_utils.lessons import LessonRunner, Stage
 from kdbook_utils.methods.hinton import (
     HintonKD,
-    KDLossFunction,
     check_logits,
     kd_loss,
     logit_matching_limit,
@@ -181,7 +180,9 @@ class HintonLesson(LessonRunner):
     def complete(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         full = {"student": self.settings.student, "images": None, "omit": None, **spec}
         if full.get("method") not in (ALONE, KD):
-            raise ValueError(f"A lesson-1 job's method must be {ALONE!r} or {KD!r}; got {full.get('method')!r}.")
+            raise ValueError(
+                f"A lesson-1 job's method must be {ALONE!r} or {KD!r}; got {full.get('method')!r}."
+            )
         if full["method"] == KD:
             full = {"temperature": 4.0, "alpha": 0.1, "loss": None, **full}
         images = full["images"]
@@ -297,6 +298,7 @@ def class_accuracy(logits: Tensor, labels: Tensor, label: int, shift: float = 0.
 def best_bias_shift(logits: Tensor, labels: Tensor, label: int) -> float:
     """The bias shift of class ``label`` (from :data:`BIAS_SHIFTS`) that gives the best accuracy over all
     classes of these logits (the validation split's); the smallest such shift on a tie."""
+
     def overall(shift: float) -> float:
         adjusted = logits.clone()
         adjusted[:, label] += shift

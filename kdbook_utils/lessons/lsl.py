@@ -270,7 +270,9 @@ class LSLRunner(LessonRunner):
     def complete(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         name = spec.get("method")
         if name not in (ALONE, HINTON, FSP, LSL):
-            raise ValueError(f"Unknown method {name!r}; choose one of {ALONE!r}, {HINTON!r}, {FSP!r}, {LSL!r}.")
+            raise ValueError(
+                f"Unknown method {name!r}; choose one of {ALONE!r}, {HINTON!r}, {FSP!r}, {LSL!r}."
+            )
         if name != LSL:
             return {"method": name}
         bindings = spec.get("bindings", PAPER_BINDINGS)

@@ -154,7 +154,7 @@ def record(
     models = cache_dir() / "models"
     cached_before = set(models.glob("*.pt"))
     started = time.perf_counter()
-    splits = preset_data(preset, root=root)
+    splits = preset_data(preset, root=root, progress=progress)
     runner = entry.runner.prepare(preset, splits, device=device, progress=progress, settings=settings)
     runs = runner.record()
     wall = time.perf_counter() - started

@@ -209,7 +209,7 @@ def _worker_runner(
                        "root": root, "device": device})  # fmt: skip
     if key not in _RUNNERS:
         preset = get_preset(preset_name)
-        splits = preset_data(preset, root=root)
+        splits = preset_data(preset, root=root, progress=False)
         _RUNNERS[key] = lesson_entry(lesson).runner.prepare(preset, splits, device=device, progress=False,
                                                             settings=settings)  # fmt: skip
     return _RUNNERS[key]

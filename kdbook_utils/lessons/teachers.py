@@ -45,8 +45,10 @@ def train_teachers(
 ) -> LessonRunner:
     """Train (or load) every teacher of a lesson, its notebook's included, into the cache: the lesson's
     runner prepared with ``train_teachers=True``, whatever the preset says."""
-    splits = preset_data(preset, root=root)
-    runner = runner_class.prepare(preset.replace(train_teachers=True), splits, device=device, progress=progress)
+    splits = preset_data(preset, root=root, progress=progress)
+    runner = runner_class.prepare(
+        preset.replace(train_teachers=True), splits, device=device, progress=progress
+    )
     runner.notebook_teachers()
     return runner
 

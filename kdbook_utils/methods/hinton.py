@@ -178,7 +178,9 @@ class HintonKD(Distiller):
                 "(alpha = 1 is the student alone, alpha = 0 pure distillation)."
             )
         if loss is not None and not callable(loss):
-            raise TypeError(f"loss must be a function like kd_loss(student_logits, teacher_logits, T); got {loss!r}.")
+            raise TypeError(
+                f"loss must be a function like kd_loss(student_logits, teacher_logits, T); got {loss!r}."
+            )
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.loss = kd_loss if loss is None else loss
