@@ -35,7 +35,7 @@ from kdbook_utils.experiments import (
     recipe_hash,
     write_results,
 )
-from kdbook_utils.lessons import RESULTS, crosslayer, hinton, lsl, mskd, settings_hash
+from kdbook_utils.lessons import RESULTS, crosslayer, hinton, lm, lsl, mskd, settings_hash
 from kdbook_utils.presets import Preset, active_preset, get_preset
 from kdbook_utils.train import DeviceLike, autocast_dtype, resolve_device
 
@@ -50,6 +50,8 @@ class LessonEntry:
     runner: Any  # a class with prepare(preset, splits, device=, progress=, settings=) and record()
     baseline: str  # the method every other is compared with
     headline: Callable[[pd.DataFrame], list[str]]  # the methods of the final comparison, from the runs
+    data: Callable[..., Any] = preset_data  # (preset, root=) -> what the runner's prepare takes as splits
+    comparison: Callable[[pd.DataFrame], str] | None = None  # the lesson's own comparisons, as text
 
 
 def _final_methods(runs: pd.DataFrame) -> list[str]:
@@ -63,6 +65,8 @@ LESSONS: dict[str, LessonEntry] = {
     "crosslayer": LessonEntry("crosslayer", "Lesson 3: cross-layer KD", crosslayer.SETTINGS,
                               crosslayer.CrossLayerRunner, crosslayer.STUDENT_ALONE.label, _final_methods),
     "mskd": LessonEntry("mskd", "Lesson 4: MSKD", mskd.SETTINGS, mskd.MSKDRunner, mskd.SINGLE_KD, _final_methods),
+    "lm": LessonEntry("lm", "Lesson 5: distilling a language model", lm.SETTINGS, lm.LMLesson, lm.ALONE,
+                      _final_methods, data=lm.lesson_data, comparison=lm.comparison_text),
 }  # fmt: skip
 
 
@@ -121,7 +125,7 @@ def record(
     with active_preset(preset):  # fit's device and precision rules follow the preset recorded
         device = resolve_device(device)
         started = time.perf_counter()
-        splits = preset_data(preset, root=root)
+        splits = entry.data(preset, root=root)
         runner = entry.runner.prepare(preset, splits, device=device, progress=progress, settings=settings)
         runs = runner.record()
         wall = time.perf_counter() - started
