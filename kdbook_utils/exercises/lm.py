@@ -37,8 +37,10 @@ def _mistakes(student: Tensor, teacher: Tensor, mask: Tensor) -> list[tuple[str,
     scored = mask.double()
     return [
         (
-            "Your value is the forward KL, KL(teacher || student): the two distributions are the wrong way "
-            "round.",
+            (
+                "Your value is the forward KL, KL(teacher || student): the two distributions are the wrong "
+                "way round."
+            ),
             lambda: forward_kl(student, teacher, mask=mask),
         ),
         (

@@ -23,7 +23,8 @@ import copy
 import importlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -90,17 +91,17 @@ class LMSettings:
 SETTINGS: dict[str, LMSettings] = {
     "quick": LMSettings(
         language_seed=0, length=32, teacher="gpt-2x64", teacher_documents=8000, teacher_epochs=4,
-        student="gpt-1x32", student_documents=1000, warmup_epochs=4, epochs=6, batch_size=32, lr=3e-3,
+        student="gpt-1x32", student_documents=1000, warmup_epochs=10, epochs=4, batch_size=32, lr=3e-3,
         prompt_length=4, val_documents=300, test_documents=300, samples=200, seeds=(0, 1, 2, 3, 4),
     ),
     "lab": LMSettings(
         language_seed=0, length=32, teacher="gpt-2x64", teacher_documents=16000, teacher_epochs=6,
-        student="gpt-1x32", student_documents=2000, warmup_epochs=4, epochs=8, batch_size=32, lr=3e-3,
+        student="gpt-1x32", student_documents=2000, warmup_epochs=10, epochs=6, batch_size=32, lr=3e-3,
         prompt_length=4, val_documents=500, test_documents=500, samples=400, seeds=(0, 1, 2, 3, 4),
     ),
     "paper": LMSettings(
         language_seed=0, length=32, teacher="gpt-4x128", teacher_documents=50000, teacher_epochs=10,
-        student="gpt-1x32", student_documents=5000, warmup_epochs=5, epochs=15, batch_size=64, lr=2e-3,
+        student="gpt-1x32", student_documents=5000, warmup_epochs=20, epochs=10, batch_size=64, lr=2e-3,
         prompt_length=4, val_documents=1000, test_documents=1000, samples=1000, seeds=(0, 1, 2, 3, 4),
     ),
     "smoke": LMSettings(
@@ -139,6 +140,26 @@ DESCRIPTIVE: dict[str, str] = {
     "distinct": "distinct samples (%)",
 }
 """Measurements shown but not judged better or worse (a lower entropy is neither)."""
+
+
+CPU_THREADS = 1
+"""PyTorch threads while the lesson trains and measures on a CPU. These models are so small that splitting
+each operation between threads gains little, and on a busy machine it loses much: on this project's shared
+2-core machine, under load, one teacher step took 70 ms with one thread and 0.6-1.7 s with two."""
+
+
+@contextmanager
+def cpu_threads(device: DeviceLike, count: int = CPU_THREADS) -> Iterator[None]:
+    """Run the block with ``count`` PyTorch threads when ``device`` is the CPU (restored afterwards)."""
+    if resolve_device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def family_options(name: str) -> dict[str, int]:
@@ -304,6 +325,11 @@ class LMLesson(LessonRunner):
         teacher on every training document. ``splits`` is not used: the lesson writes its own text."""
         settings = settings or SETTINGS[preset.name]
         device = resolve_device(device)
+        with cpu_threads(device):
+            return cls._prepare(preset, settings, device, progress)
+
+    @classmethod
+    def _prepare(cls, preset: Preset, settings: LMSettings, device: torch.device, progress: bool) -> LMLesson:
         language = make_language(settings.language_seed)
         documents = language_splits(
             language,
@@ -397,9 +423,10 @@ class LMLesson(LessonRunner):
         """The seed's warm start: a fresh student trained alone for ``warmup_epochs`` (kept, and copied
         for every method)."""
         if seed not in self.warm:
-            seed_everything(seed)
-            student = self.build()
-            self._fit(student, self.student_documents, self.settings.warmup_epochs, seed, "warm start")
+            with cpu_threads(self.device):
+                seed_everything(seed)
+                student = self.build()
+                self._fit(student, self.student_documents, self.settings.warmup_epochs, seed, "warm start")
             self.warm[seed] = student
         return copy.deepcopy(self.warm[seed]).requires_grad_(True)
 
@@ -440,28 +467,32 @@ class LMLesson(LessonRunner):
     def student_run(self, method: str, seed: int) -> LMRun:
         """One student: the seed's warm start trained ``epochs`` more with ``method``, then measured."""
         if (method, seed) not in self.runs:
-            student = self.warm_student(seed)
-            trainer, documents = self.method(method, student, seed)
-            started = time.perf_counter()
-            failed = ""
-            try:
-                history = self._fit(trainer, documents, self.settings.epochs, seed, method)
-            except NonFiniteLossError as error:
-                history, failed = getattr(error, "history", pd.DataFrame()), f"non-finite loss ({error})"
-            seconds = time.perf_counter() - started
-            scores, samples = {}, {}
-            for offset, split in enumerate(("val", "test")):
-                scores[split], samples[split] = measure(
-                    student,
-                    self.teacher,
-                    self.language,
-                    getattr(self.splits, split),
-                    self.truth[split],
-                    samples=self.settings.samples,
-                    seed=1000 * (offset + 1) + seed,
-                )
-            self.runs[(method, seed)] = LMRun(student.eval(), history, scores, samples, seconds, failed)
+            with cpu_threads(self.device):
+                self.runs[(method, seed)] = self._train(method, seed)
         return self.runs[(method, seed)]
+
+    def _train(self, method: str, seed: int) -> LMRun:
+        student = self.warm_student(seed)
+        trainer, documents = self.method(method, student, seed)
+        started = time.perf_counter()
+        failed = ""
+        try:
+            history = self._fit(trainer, documents, self.settings.epochs, seed, method)
+        except NonFiniteLossError as error:
+            history, failed = getattr(error, "history", pd.DataFrame()), f"non-finite loss ({error})"
+        seconds = time.perf_counter() - started
+        scores, samples = {}, {}
+        for offset, split in enumerate(("val", "test")):
+            scores[split], samples[split] = measure(
+                student,
+                self.teacher,
+                self.language,
+                getattr(self.splits, split),
+                self.truth[split],
+                samples=self.settings.samples,
+                seed=1000 * (offset + 1) + seed,
+            )
+        return LMRun(student.eval(), history, scores, samples, seconds, failed)
 
     def job(self, spec: Mapping[str, Any], seed: int) -> LMRun:
         """A job is ``{"method": "alone" | "forward" | "reverse" | "on-policy" | "sequence"}``."""
@@ -475,15 +506,16 @@ class LMLesson(LessonRunner):
 
     def teacher_scores(self, split: str = "test") -> dict[str, float]:
         """The teacher's own measurements (its KL to itself is 0)."""
-        scores, _ = measure(
-            self.teacher,
-            self.teacher,
-            self.language,
-            getattr(self.splits, split),
-            self.truth[split],
-            samples=self.settings.samples,
-            seed=7,
-        )
+        with cpu_threads(self.device):
+            scores, _ = measure(
+                self.teacher,
+                self.teacher,
+                self.language,
+                getattr(self.splits, split),
+                self.truth[split],
+                samples=self.settings.samples,
+                seed=7,
+            )
         return scores
 
 
