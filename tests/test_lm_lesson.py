@@ -23,6 +23,7 @@ from kdbook_utils.lessons.lm import (
     LMLesson,
     compare_metric,
     comparison_text,
+    cpu_threads,
     fit_one_mode,
     hf_divergences,
     kl_from_truth,
@@ -61,6 +62,15 @@ def test_every_student_is_measured_on_both_splits(lesson: LMLesson, runs: pd.Dat
         assert runs[column].notna().all(), column
     assert runs["accuracy"].between(0, 100).all() and runs["grammatical"].between(0, 100).all()
     assert (runs["perplexity"] > 1).all() and (runs["kl_true"] > 0).all()
+
+
+def test_the_lesson_trains_with_one_thread_and_gives_the_others_back(lesson: LMLesson) -> None:
+    before = torch.get_num_threads()
+    lesson.student_run("reverse", 1)
+    assert torch.get_num_threads() == before
+    with cpu_threads("cpu", 1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
 
 
 def test_every_student_starts_from_its_seed_s_warm_start(lesson: LMLesson) -> None:
