@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from kdbook_utils import distributed
-from kdbook_utils.data import DamagedDataError, DatasetNotFoundError, preset_data
+from kdbook_utils.data import DamagedDataError, DatasetNotFoundError
 from kdbook_utils.errors import closest
 from kdbook_utils.experiments import (
     check_results_folder,
@@ -468,13 +468,13 @@ def command_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         distributed.init(device)
     progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
     started = time.perf_counter()
+    entry = LESSONS[lesson]
     try:
-        splits = preset_data(preset, root=root, progress=progress)
+        splits = entry.data(preset, root=root, progress=progress)
     except DatasetNotFoundError as error:
         raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
     except DamagedDataError as error:
         raise UsageError(str(error)) from error
-    entry = LESSONS[lesson]
     runner: LessonRunner = entry.runner.prepare(
         preset, splits, device=device, progress=progress, settings=settings
     )
@@ -626,6 +626,8 @@ def comparison_text(runs: pd.DataFrame, provenance: dict[str, Any]) -> str:
             failed = len(chosen) - len(good)
             if failed:
                 lines.append(f"({failed} failed run(s) left out)")
+        if lesson in LESSONS and LESSONS[lesson].comparison is not None:
+            lines.append(LESSONS[lesson].comparison(part))
     return "\n".join(lines)
 
 

@@ -95,6 +95,26 @@ Logits = Union[Tensor, list[Tensor]]
 DIVERGENCE_FACTOR = 100.0
 """:func:`fit` stops when an epoch's mean loss exceeds this many times its phase's first batch loss."""
 
+IGNORE_INDEX = -100
+"""A label with this value is not scored (padding in token batches), as in ``F.cross_entropy``."""
+
+
+def per_position(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """One row per scored position: image logits ``(N, C)`` and labels ``(N,)`` as they are; a language
+    model's logits ``(N, L, V)`` (classes in the last dimension) and labels ``(N, L)`` flattened to
+    ``(N * L, V)`` and ``(N * L,)``."""
+    if logits.dim() == 3 and labels.dim() == 2:
+        return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    return logits, labels
+
+
+def _hits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(correct answers, scored positions) of one output, as tensors; labels equal to IGNORE_INDEX are
+    left out."""
+    flat_logits, flat_labels = per_position(logits, labels)
+    scored = flat_labels != IGNORE_INDEX
+    return ((flat_logits.argmax(dim=-1) == flat_labels) & scored).sum(), scored.sum()
+
 
 # --------------------------------------------------------------------------------------------------------
 # The method contract
@@ -292,7 +312,7 @@ class CrossEntropy(Distiller):
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(images)
-        return logits, {"ce": F.cross_entropy(logits, labels)}
+        return logits, {"ce": F.cross_entropy(*per_position(logits, labels))}
 
 
 def as_method(model_or_method: nn.Module) -> Distiller:
@@ -1010,6 +1030,7 @@ class _EpochTally:
         self.device = device
         self.loss_sums: dict[str, Tensor] = {}
         self.correct: Tensor | None = None  # one count per output
+        self.scored = torch.zeros((), dtype=torch.int64, device=device)  # labels scored (token positions)
         self.outputs = 1
         self.seen = 0
         self.first_bad_batch = torch.full((), -1, dtype=torch.int64, device=device)
@@ -1037,8 +1058,10 @@ class _EpochTally:
                 self.loss_sums[name] = self.loss_sums[name] + weighted if name in self.loss_sums else weighted
             outputs = logits if isinstance(logits, (list, tuple)) else [logits]
             self.outputs = len(outputs)
-            correct = torch.stack([(out.detach().argmax(dim=-1) == labels).sum() for out in outputs])
+            hits = [_hits(out.detach(), labels) for out in outputs]
+            correct = torch.stack([right for right, _ in hits])
             self.correct = correct if self.correct is None else self.correct + correct
+            self.scored = self.scored + hits[-1][1]
         self.seen += batch_size
 
     def add_up_processes(self) -> None:
@@ -1048,6 +1071,7 @@ class _EpochTally:
         self.loss_sums = dict(zip(names, sums))
         if self.correct is not None:
             self.correct = distributed.sum_across_processes(self.correct)
+        self.scored = distributed.sum_across_processes(self.scored.reshape(1))[0]
         seen = distributed.sum_across_processes(torch.tensor([self.seen], device=self.device))
         self.seen = int(seen.item())
         if self.first_total is not None:  # every process must judge divergence alike: the mean first loss
@@ -1082,7 +1106,7 @@ class _EpochTally:
         row = {f"train_{name}": mean for name, mean in means.items()}
         row["train_loss"] = sum(means.values())
         assert self.correct is not None
-        accuracies = (100.0 * self.correct.double() / self.seen).tolist()
+        accuracies = (100.0 * self.correct.double() / self.scored.clamp_min(1)).tolist()
         row["train_acc"] = accuracies[-1]
         if len(accuracies) > 1:
             row.update({f"train_acc_{name}": value for name, value in zip(names, accuracies)})
@@ -1091,7 +1115,8 @@ class _EpochTally:
     def running_summary(self) -> dict[str, str]:
         """The batch bar's postfix: this epoch's running mean loss and accuracy (reads the device)."""
         loss = sum(total.item() for total in self.loss_sums.values()) / self.seen
-        accuracy = 100.0 * self.correct[-1].item() / self.seen if self.correct is not None else 0.0
+        scored = max(int(self.scored.item()), 1)
+        accuracy = 100.0 * self.correct[-1].item() / scored if self.correct is not None else 0.0
         return {"loss": f"{loss:.3f}", "acc": f"{accuracy:.1f}%"}
 
 
@@ -1118,6 +1143,9 @@ def check_batch(
         raise TypeError(
             f"{where} must be (images, labels) tensors; got ({type(images).__name__}, {type(labels).__name__})."
         )
+    if images.dim() == 2 and images.dtype in (torch.int64, torch.int32):  # a language model's token ids
+        _check_token_batch(images, labels, model, where)
+        return
     if not images.is_floating_point():
         raise TypeError(
             f"The images of {where} are {images.dtype}, but models need floating-point images scaled and "
@@ -1148,6 +1176,25 @@ def check_batch(
                 f"The labels of {where} must be class indices in {limit}; found values from {low} to {high}. "
                 "Does the model have as many classes as the data (create_model(name, data.num_classes))?"
             )
+
+
+def _check_token_batch(tokens: Tensor, targets: Tensor, model: nn.Module | None, where: str) -> None:
+    """Token batches: inputs int64 ``(N, L)``, targets ``(N, L)``, each a token id or IGNORE_INDEX."""
+    if targets.dtype not in (torch.int64, torch.int32) or targets.shape != tokens.shape:
+        raise ValueError(
+            f"The targets of {where} must be integer token ids of the inputs' shape {tuple(tokens.shape)} "
+            f"(the next token at every position); got {targets.dtype} of shape {tuple(targets.shape)}."
+        )
+    vocabulary = getattr(model, "num_classes", None) if model is not None else None
+    scored = targets[targets != IGNORE_INDEX]
+    too_large = isinstance(vocabulary, int) and scored.numel() and int(scored.max()) >= vocabulary
+    if scored.numel() and (int(scored.min()) < 0 or too_large):
+        limit = f"0..{vocabulary - 1}" if isinstance(vocabulary, int) else "0 or more"
+        raise ValueError(
+            f"The targets of {where} must be token ids in {limit} or {IGNORE_INDEX} (not scored); found "
+            f"values from {int(scored.min())} to {int(scored.max())}. Does the model's vocabulary match the "
+            "data's?"
+        )
 
 
 def _length(loader: Batches) -> int | None:
@@ -1182,7 +1229,8 @@ def _epoch_summary(row: dict[str, float]) -> dict[str, str]:
 def evaluate(model_or_method: nn.Module, loader: Batches, device: DeviceLike = None) -> dict[str, Any]:
     """Accuracy (percent) and mean cross-entropy of a model (a Distiller's student) on ``loader``.
 
-    Returns ``{"accuracy": percent, "loss": mean cross-entropy, "count": images seen}``; for a model with
+    Returns ``{"accuracy": percent, "loss": mean cross-entropy, "count": images seen}`` (a language model:
+    per scored token position, and ``count`` is the positions scored); for a model with
     several exits, ``accuracy`` and ``loss`` are its last exit's and ``"per_output"`` holds
     ``{exit name: percent}``. Runs in eval mode without gradients on ``device`` (None: the device rule);
     the model's train/eval mode is restored afterwards.
@@ -1208,21 +1256,23 @@ def _evaluate(
     """The evaluation loop proper (the model is already on ``device`` and in eval mode)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct: Tensor | None = None
-    count = 0
+    scored = torch.zeros((), dtype=torch.int64, device=device)  # images, or scored token positions
     outputs = 1
     with torch.inference_mode():
         for images, labels in loader:
             images, labels = _to_device(images, labels, device, channels_last)
-            if count == 0:
+            if correct is None:
                 check_batch(images, labels, model, where="the first evaluation batch")
             with _autocast(device, amp_dtype):
                 logits = model(images)
             every = list(logits) if isinstance(logits, (list, tuple)) else [logits]
             outputs = len(every)
-            loss_sum += F.cross_entropy(every[-1].float(), labels, reduction="sum")
-            hits = torch.stack([(out.argmax(dim=1) == labels).sum() for out in every])
+            loss_sum += F.cross_entropy(*per_position(every[-1].float(), labels), reduction="sum")
+            counts = [_hits(out, labels) for out in every]
+            hits = torch.stack([right for right, _ in counts])
             correct = hits if correct is None else correct + hits
-            count += labels.shape[0]
+            scored += counts[-1][1]
+    count = int(scored.item())
     if distributed.is_active() and getattr(loader, "shards", 1) > 1:  # each process saw its block
         loss_sum, correct, count, outputs = _add_up_evaluations(loss_sum, correct, count, outputs, device)
     if count == 0 or correct is None:

@@ -43,6 +43,7 @@ NOTEBOOK_LESSON = {
     "02_lsl_layer_selection": "lsl",
     "03_cross_layer_kd": "crosslayer",
     "04_mskd_multi_exit": "mskd",
+    "05_lm_distillation": "lm",
 }
 
 
@@ -78,15 +79,15 @@ def teacher_seconds(lesson: str, preset_name: str) -> float:
     ``prepare`` and ``notebook_teachers`` in an empty cache, less the same calls once they are cached
     (data handling, loading)."""
     sys.path.insert(0, str(ROOT))
-    from kdbook_utils.data import preset_data
     from kdbook_utils.lessons.records import LESSONS
     from kdbook_utils.presets import get_preset
 
     preset = get_preset(preset_name)
-    runner = LESSONS[lesson].runner
+    entry = LESSONS[lesson]
+    runner = entry.runner
     empty = tempfile.TemporaryDirectory(prefix="kdbook-teacher-timing-")
     with empty as cache, mock.patch.dict(os.environ, {"KDBOOK_CACHE": cache}):
-        splits = preset_data(preset)
+        splits = entry.data(preset)
         times = []
         for _ in ("empty cache", "cached"):
             started = time.perf_counter()

@@ -31,11 +31,14 @@ TINY: dict[str, list[str]] = {
     "crosslayer": ["--set", "teachers=1", "--set", "teacher_epochs=1", "--set", "gram_epochs=1", "--set",
                    "task_epochs=2"],
     "mskd": ["--set", "teacher_epochs=1", "--set", "head_epochs=1", "--set", "epochs=2", "--set", "student_images=200"],
+    "lm": ["--set", "teacher=gpt-1x32", "--set", "teacher_documents=300", "--set", "teacher_epochs=1", "--set", "length=12",
+           "--set", "student_documents=64", "--set", "warmup_epochs=1", "--set", "epochs=1", "--set", "val_documents=32",
+           "--set", "test_documents=32", "--set", "samples=16"],
 }  # fmt: skip
 """Each lesson's settings cut down to a smoke-sized run (the lessons' own tests check what they learn)."""
 
 STAGED: dict[str, list[str]] = {"hinton": [], "lsl": ["--stage", "final"], "crosslayer": ["--stage", "final"],
-                                "mskd": []}  # fmt: skip
+                                "mskd": [], "lm": []}  # fmt: skip
 """hinton and mskd run their whole record(); lsl's final stage brings its sweep along; crosslayer runs its
 final stage alone (its ablation grid is the same code, ten times longer)."""
 

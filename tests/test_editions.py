@@ -634,6 +634,15 @@ NOTEBOOK_WRONG_ANSWERS: dict[str, tuple[str, str, str]] = {
             'return alpha * F.cross_entropy(exit_logits, labels) + beta * F.kl_div(log_q, p, reduction="batchmean")'
         ), "mskd-exit-loss", "T^2"),
     "mskd-threshold-for-budget-answer": ("MY_THRESHOLD = 1.0", "mskd-threshold-for-budget", "Over budget"),
+    "lm-reverse-kl-answer": (
+        (
+            "log_q = F.log_softmax(student_logits, dim=-1)\n"
+            "log_p = F.log_softmax(teacher_logits, dim=-1)\n"
+            "per_position = (log_p.exp() * (log_p - log_q)).sum(dim=-1)\n"
+            "return (per_position * mask).sum() / mask.sum()"
+        ), "lm-reverse-kl", "wrong way round"),
+    "lm-reading-answer": ('lowest_kl_to_teacher = "nobody"\nlowest_own_entropy = "nobody"', "lm-reading",
+                          "not one of the students"),
 }  # fmt: skip
 
 

@@ -603,6 +603,7 @@ STABLE_METHOD_NAMES = {
     "kdbook_utils.methods.lsl": {"inter_class_gram"},
     "kdbook_utils.methods.crosslayer": {"fsp_matrix", "cross_layer_pairs"},
     "kdbook_utils.methods.mskd": {"exit_loss", "early_exit", "threshold_sweep"},
+    "kdbook_utils.methods.lm": {"forward_kl", "reverse_kl"},
 }
 
 

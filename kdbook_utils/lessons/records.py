@@ -37,7 +37,7 @@ from kdbook_utils.experiments import (
     recipe_hash,
     write_results,
 )
-from kdbook_utils.lessons import RESULTS, crosslayer, hinton, lsl, mskd, settings_hash
+from kdbook_utils.lessons import RESULTS, crosslayer, hinton, lm, lsl, mskd, settings_hash
 from kdbook_utils.presets import PRESETS, Preset, get_preset
 from kdbook_utils.train import DeviceLike, precision_name
 
@@ -52,6 +52,8 @@ class LessonEntry:
     runner: Any  # a class with prepare(preset, splits, device=, progress=, settings=) and record()
     baseline: str  # the method every other is compared with
     headline: Callable[[pd.DataFrame], list[str]]  # the methods of the final comparison, from the runs
+    data: Callable[..., Any] = preset_data  # (preset, root=) -> what the runner's prepare takes as splits
+    comparison: Callable[[pd.DataFrame], str] | None = None  # the lesson's own comparisons, as text
 
 
 def _final_methods(runs: pd.DataFrame) -> list[str]:
@@ -65,6 +67,8 @@ LESSONS: dict[str, LessonEntry] = {
     "crosslayer": LessonEntry("crosslayer", "Lesson 3: cross-layer KD", crosslayer.SETTINGS,
                               crosslayer.CrossLayerRunner, crosslayer.STUDENT_ALONE.label, _final_methods),
     "mskd": LessonEntry("mskd", "Lesson 4: MSKD", mskd.SETTINGS, mskd.MSKDRunner, mskd.SINGLE_KD, _final_methods),
+    "lm": LessonEntry("lm", "Lesson 5: distilling a language model", lm.SETTINGS, lm.LMLesson, lm.ALONE,
+                      _final_methods, data=lm.lesson_data, comparison=lm.comparison_text),
 }  # fmt: skip
 
 
@@ -154,7 +158,7 @@ def record(
     models = cache_dir() / "models"
     cached_before = set(models.glob("*.pt"))
     started = time.perf_counter()
-    splits = preset_data(preset, root=root, progress=progress)
+    splits = entry.data(preset, root=root, progress=progress)
     runner = entry.runner.prepare(preset, splits, device=device, progress=progress, settings=settings)
     runs = runner.record()
     wall = time.perf_counter() - started

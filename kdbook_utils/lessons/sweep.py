@@ -42,7 +42,6 @@ import torch
 from tqdm.auto import tqdm
 
 from kdbook_utils.checkpoints import CACHE_ENV_VAR
-from kdbook_utils.data import preset_data
 from kdbook_utils.experiments import recipe_hash
 from kdbook_utils.lessons import LessonRunner
 from kdbook_utils.lessons.records import lesson_entry
@@ -209,7 +208,7 @@ def _worker_runner(
                        "root": root, "device": device})  # fmt: skip
     if key not in _RUNNERS:
         preset = get_preset(preset_name)
-        splits = preset_data(preset, root=root, progress=False)
+        splits = lesson_entry(lesson).data(preset, root=root, progress=False)
         _RUNNERS[key] = lesson_entry(lesson).runner.prepare(preset, splits, device=device, progress=False,
                                                             settings=settings)  # fmt: skip
     return _RUNNERS[key]

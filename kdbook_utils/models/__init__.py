@@ -222,6 +222,7 @@ ZOO_MODULES: tuple[str, ...] = (
     "kdbook_utils.models.wrn",
     "kdbook_utils.models.alexnet_lsl",
     "kdbook_utils.models.crosslayer_nets",
+    "kdbook_utils.models.gpt",
 )
 
 
