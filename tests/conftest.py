@@ -81,6 +81,20 @@ def cifar10_root() -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def decoded_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder of decoded CIFAR-10 tensors for the whole session: a test that gives itself a private
+    cache links its ``decoded/`` here (:func:`private_cache`), so the 60,000 JPEGs are decoded once."""
+    return tmp_path_factory.mktemp("decoded")
+
+
+def private_cache(folder: Path, decoded: Path) -> Path:
+    """A fresh cache folder at ``folder`` whose decoded images are the session's (see ``decoded_images``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "decoded").symlink_to(decoded, target_is_directory=True)
+    return folder
+
+
 # ----------------------------------------------------------------------------------- executed notebooks
 
 

@@ -357,6 +357,34 @@ def temperature_explorer_copy(source: Path, target: Path) -> None:
     nbformat.write(notebook, target)
 
 
+DIRTY_JS = PANEL_JS + "\nreturn panel.context.model.dirty;"
+SAVE_JS = """
+const done = arguments[arguments.length - 1];
+window.jupyterapp.commands.execute('docmanager:save').then(() => done('saved'), (error) => done(String(error)));
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("relative", ["01_hinton_kd.ipynb", "student/01_hinton_kd.ipynb"])
+def test_opening_a_lesson_in_jupyterlab_leaves_its_file_as_committed(
+    browser: WebDriver, jupyterlab: JupyterLab, relative: str
+) -> None:
+    """With autosave on, a lesson that JupyterLab marks modified on opening would be rewritten by merely
+    opening it: the committed file must be in the form JupyterLab writes, so that opening it (kernel
+    started, nothing run) and saving it changes no byte."""
+    source = REPO / "notebooks" / relative
+    name = f"opened-{source.parent.name}-{source.name}"
+    shutil.copy(source, jupyterlab.root / name)
+    LabNotebook(browser, jupyterlab, name)
+    time.sleep(2)  # let JupyterLab apply whatever it changes on load (kernel info, metadata)
+    assert browser.execute_script(DIRTY_JS, name) is False, f"JupyterLab marks {relative} modified on opening"
+    assert browser.execute_async_script(SAVE_JS) == "saved"
+    assert (jupyterlab.root / name).read_bytes() == source.read_bytes(), (
+        f"JupyterLab saves {relative} in another form than the committed one: commit notebooks as JupyterLab "
+        "writes them (python scripts/editions.py publish writes the student editions that way)"
+    )
+
+
 @pytest.mark.timeout(RUN_TIMEOUT_S + 180)
 def test_start_here_runs_in_jupyterlab_and_its_dropdown_redraws(
     browser: WebDriver, jupyterlab: JupyterLab
@@ -527,6 +555,9 @@ def test_every_book_page_loads_offline_with_figures_and_math(browser: WebDriver,
         log = browser.get_log("browser")
         failed_loads = [entry["message"] for entry in log if entry["source"] == "network"]
         problems += page_problems(name, report, failed_loads)
+        # An error from the book's own pages and scripts (a script included twice, say), not the network's.
+        problems += [f"{name}: console error: {entry['message'][:160]}" for entry in log
+                     if entry["level"] == "SEVERE" and entry["source"] != "network"]  # fmt: skip
         images += len(report["images"])
         widgets += sum(not widget["progressBar"] for widget in report["widgets"])
         formulas += report["typesetFormulas"]
