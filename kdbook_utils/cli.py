@@ -549,7 +549,8 @@ def command_teachers(args: argparse.Namespace, argv: Sequence[str]) -> int:
     device = _device(args.device, preset)
     progress = not args.quiet and sys.stderr.isatty()
     try:
-        runner = train_teachers(LESSONS[lesson].runner, preset, root=root, device=device, progress=progress)
+        runner = train_teachers(LESSONS[lesson].runner, preset, LESSONS[lesson].data, root=root, device=device,
+                                progress=progress)  # fmt: skip
     except DatasetNotFoundError as error:
         raise UsageError(f"{error}\nWith the command line: --data <folder>.") from error
     for role, model in runner.trained_models().items():

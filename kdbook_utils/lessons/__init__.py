@@ -292,12 +292,18 @@ class LessonRunner:
         """How many epochs each student of the comparisons trains."""
         return int(self.settings.epochs)
 
+    def evaluation_loader(self, split: str) -> Any:
+        """Batches of the ``split`` split ("val" or "test") in order, unaugmented, for measuring a model."""
+        return TensorLoader(getattr(self.splits, split), 512, train=False, device=self.device)
+
+    def accuracy(self, model: torch.nn.Module, split: str = "test") -> float:
+        """``model``'s accuracy (percent) on ``split``."""
+        return float(evaluate(model, self.evaluation_loader(split), device=self.device)["accuracy"])
+
     def teacher_accuracy(self, role: str | None = None) -> float:
         """A teacher's accuracy (percent) on the validation split (default: the first teacher)."""
         teachers = self.teacher_models()
-        model = teachers[role or next(iter(teachers))].model
-        return float(evaluate(model, TensorLoader(self.splits.val, 512, train=False, device=self.device),
-                              device=self.device)["accuracy"])  # fmt: skip
+        return self.accuracy(teachers[role or next(iter(teachers))].model, "val")
 
     def scale(self) -> Markdown:
         """The run's scale in one paragraph, computed from the settings and the teachers: how many images and

@@ -384,6 +384,10 @@ class LMLesson(LessonRunner):
     def teacher_models(self) -> dict[str, TrainedModel]:
         return {"teacher": self.teacher}
 
+    def evaluation_loader(self, split: str) -> TokenLoader:
+        """The ``split`` documents in order (next-token accuracy over every position)."""
+        return TokenLoader(getattr(self.splits, split), 512, bos_id=self.language.bos_id, device=self.device)
+
     def scale(self) -> Markdown:
         """The run's scale: documents, tokens and epochs for each student, and the teacher's documents and
         its KL from the true language."""

@@ -20,17 +20,17 @@ import datetime
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kdbook_utils.checkpoints import MANIFEST, SHIPPED, file_sha256, read_checkpoint, save_checkpoint
-from kdbook_utils.data import TensorLoader, preset_data
 from kdbook_utils.experiments import TrainedModel, git_commit, machine_description
 from kdbook_utils.lessons import LessonRunner
 from kdbook_utils.presets import Preset
-from kdbook_utils.train import DeviceLike, evaluate
+from kdbook_utils.train import DeviceLike
 
 __all__ = ["ship", "train_teachers"]
 
@@ -38,13 +38,15 @@ __all__ = ["ship", "train_teachers"]
 def train_teachers(
     runner_class: type[LessonRunner],
     preset: Preset,
+    data: Callable[..., Any],
     *,
     root: str | os.PathLike | None = None,
     device: DeviceLike = None,
     progress: bool = True,
 ) -> LessonRunner:
     """Train (or load) every teacher of a lesson, its notebook's included, into the cache: the lesson's
-    runner prepared with ``train_teachers=True``, whatever the preset says."""
+    runner prepared with ``train_teachers=True``, whatever the preset says, on ``data(preset, root=)``
+    (the lesson's data: ``preset_data`` for the lessons on images)."""
     splits = preset_data(preset, root=root, progress=progress)
     runner = runner_class.prepare(
         preset.replace(train_teachers=True), splits, device=device, progress=progress
@@ -62,16 +64,16 @@ def _left_out(model: TrainedModel) -> tuple[str, ...]:
 
 def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dict[str, Any]]:
     """Write every teacher of ``runner`` into the package's shipped models, in half precision, measured on
-    the test split after the round trip through half precision, and record each in the manifest."""
+    the test split after the round trip through half precision, and record each in the manifest. Teachers
+    this lesson shipped before for the same preset, under a recipe it no longer uses, are removed."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": {}}
-    test_loader = TensorLoader(runner.splits.test, 512, train=False, device=runner.device)
     records = []
     for role, trained in runner.trained_models().items():
         stored = read_checkpoint(trained.path)
         name = f"{trained.model.cache_key}.pt"
-        float32_accuracy = evaluate(trained.model, test_loader, device=runner.device)["accuracy"]
+        float32_accuracy = runner.accuracy(trained.model, "test")
         target = save_checkpoint(trained.model, folder / name, storage=torch.float16, leave_out=_left_out(trained),
                                  **stored["metadata"])  # fmt: skip
         reloaded = read_checkpoint(target)
@@ -81,14 +83,19 @@ def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dic
             "lesson": runner.lesson, "role": role, "preset": runner.preset.name,
             "recipe": stored["metadata"].get("recipe", {}), "trained_on": stored["metadata"].get("recipe", {}).get("train_data"),
             "precision": stored["metadata"].get("recipe", {}).get("precision", "float32"), "stored_as": "float16",
-            "test_accuracy": evaluate(copy, test_loader, device=runner.device)["accuracy"],
-            "test_accuracy_float32": float32_accuracy, "test_images": len(runner.splits.test),
+            "test_accuracy": runner.accuracy(copy, "test"),
+            "test_accuracy_float32": float32_accuracy, "test_examples": len(runner.splits.test),
             "train_seconds": round(sum(history.get("seconds", [])), 1), "bytes": target.stat().st_size,
             "sha256": file_sha256(target), "machine": machine_description(), "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "command": command,
         }  # fmt: skip
         manifest["models"][name] = record
         records.append({"file": name, **record})
+    current = {record["file"] for record in records}
+    for name, record in list(manifest["models"].items()):  # this lesson's teachers of an older recipe
+        if record.get("lesson") == runner.lesson and record.get("preset") == runner.preset.name and name not in current:
+            del manifest["models"][name]
+            (folder / name).unlink(missing_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".manifest.", suffix=".tmp")
     with os.fdopen(handle, "w") as file:
         json.dump(manifest, file, indent=1, sort_keys=True)
