@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from kdbook_utils import distributed
 from kdbook_utils.checkpoints import cache_dir
 from kdbook_utils.errors import Seen, must_be
-from kdbook_utils.presets import DATA_ROOT_ENV_VAR, Preset
+from kdbook_utils.presets import DATA_ROOT_ENV_VAR, Preset, on_colab
 from kdbook_utils.train import resolve_device
 
 __all__ = [
@@ -405,7 +405,11 @@ VALIDATION_SEED = 1234
 
 
 def preset_data(
-    preset: Preset, root: str | os.PathLike | None = None, download: bool = False, *, progress: bool = True
+    preset: Preset,
+    root: str | os.PathLike | None = None,
+    download: bool | None = None,
+    *,
+    progress: bool = True,
 ) -> DataSplits:
     """The ``(train, val, test)`` splits of a preset.
 
@@ -413,11 +417,17 @@ def preset_data(
     :data:`VALIDATION_SEED`); ``train`` is the rest, cut to ``preset.train_subset`` images if the preset
     says so; ``test`` is the test split, cut to ``preset.test_subset``. Subsets are drawn with seed 0, so
     every training seed of a lesson sees the same images.
+
+    ``download`` (CIFAR only) lets torchvision fetch missing files; left out, it is on in Colab, where a
+    lesson on ``lab`` should just work, and off everywhere else, where a missing file is an error that says
+    where to put it.
     """
     if not isinstance(preset, Preset):
         name = f"get_preset({preset!r})" if isinstance(preset, str) else "get_preset('quick')"
         raise TypeError(must_be("preset_data's preset", "a Preset", preset if isinstance(preset, str) else
                                 Seen(f"a {type(preset).__name__}"), f"Pass the preset itself: preset_data({name})."))  # fmt: skip
+    if download is None:
+        download = on_colab() and preset.dataset in ("cifar10", "cifar100")
     full = load_dataset(preset.dataset, "train", root, download, progress=progress)
     if preset.val_size:
         train, val = full.holdout(preset.val_size, seed=VALIDATION_SEED)

@@ -1,7 +1,9 @@
 """Presets: how big a run is.
 
 Every notebook has a cell tagged ``parameters`` that starts with ``PRESET = get_preset()``; the preset
-comes from the ``KDBOOK_PRESET`` environment variable (default ``quick``) unless the cell names one.
+comes from the ``KDBOOK_PRESET`` environment variable unless the cell names one. Without either, it is
+``lab`` on Colab with a GPU (CIFAR-10 is fetched there on first use) and ``quick`` everywhere else, so
+offline builds and a laptop never need the data.
 
 =========  =======================================  ==========================================
 preset     data                                     what it is for
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 
 from kdbook_utils.errors import check_int, check_keywords, check_number, closest, must_be
@@ -185,12 +188,28 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def on_colab() -> bool:
+    """Whether this Python runs in a Google Colab kernel (which imports ``google.colab`` at start-up)."""
+    return "google.colab" in sys.modules
+
+
+def default_preset_name() -> str:
+    """The preset a notebook runs when nobody names one: ``lab`` on Colab with a GPU (real images in a few
+    minutes), ``quick`` everywhere else (no files to fetch, minutes on a CPU)."""
+    if on_colab():
+        import torch
+
+        if torch.cuda.is_available():
+            return "lab"
+    return "quick"
+
+
 def get_preset(name: str | None = None) -> Preset:
-    """Return the preset called ``name``; without a name, the one named by ``$KDBOOK_PRESET`` (default
-    ``quick``). This is the only place the environment is read: a notebook's parameters cell calls it once
-    (``PRESET = get_preset()``) and passes the preset down, so ``KDBOOK_PRESET=lab`` and
-    ``get_preset("lab")`` run the same."""
-    chosen = name if name is not None else os.environ.get(PRESET_ENV_VAR, "quick")
+    """Return the preset called ``name``; without a name, the one named by ``$KDBOOK_PRESET``, and without
+    that, :func:`default_preset_name`'s. This is the only place the environment is read: a notebook's
+    parameters cell calls it once (``PRESET = get_preset()``) and passes the preset down, so
+    ``KDBOOK_PRESET=lab`` and ``get_preset("lab")`` run the same."""
+    chosen = name if name is not None else os.environ.get(PRESET_ENV_VAR) or default_preset_name()
     if not isinstance(chosen, str):
         raise TypeError(
             must_be("The preset name", "a string", chosen, f"Valid presets: {', '.join(PRESETS)}.")

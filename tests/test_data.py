@@ -610,3 +610,40 @@ def test_the_digest_follows_in_place_changes_and_new_tensors() -> None:
     assert dataset.digest() not in (first, changed)
     loader = TensorLoader(dataset, 16, train=False)
     assert f"data={dataset.digest()}" in loader.fingerprint
+
+
+def test_colab_with_a_gpu_picks_lab_and_fetches_cifar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    from torchvision.datasets import cifar
+
+    from kdbook_utils import presets
+
+    monkeypatch.delenv("KDBOOK_PRESET", raising=False)
+    assert get_preset().name == "quick"  # not on Colab: offline, whatever the hardware
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert get_preset().name == "quick"  # Colab's CPU runtime: the small preset
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert get_preset().name == "lab"
+    monkeypatch.setenv("KDBOOK_PRESET", "quick")
+    assert get_preset().name == "quick"  # an instructor's choice wins
+
+    fetched: list[str] = []
+
+    def fake_download(self: cifar.CIFAR10) -> None:
+        fetched.append(self.root)
+        sizes = {**{f"data_batch_{k}": 30 for k in range(1, 6)}, "test_batch": 20}
+        write_cifar_pickles(Path(self.root) / "cifar-10-batches-py", "cifar10", sizes)
+
+    monkeypatch.setattr(cifar.CIFAR10, "download", fake_download)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    lab = presets.get_preset("lab").replace(val_size=20)
+    splits = preset_data(lab, root=tmp_path, progress=False)
+    assert fetched and len(splits.train) + len(splits.val) == 150 and len(splits.test) == 20
+    monkeypatch.delitem(sys.modules, "google.colab")
+    with pytest.raises(DatasetNotFoundError):  # elsewhere a missing file is an error, never a download
+        preset_data(lab, root=tmp_path / "empty", progress=False)

@@ -47,7 +47,7 @@ def train_teachers(
     """Train (or load) every teacher of a lesson, its notebook's included, into the cache: the lesson's
     runner prepared with ``train_teachers=True``, whatever the preset says, on ``data(preset, root=)``
     (the lesson's data: ``preset_data`` for the lessons on images)."""
-    splits = preset_data(preset, root=root, progress=progress)
+    splits = data(preset, root=root, progress=progress)
     runner = runner_class.prepare(
         preset.replace(train_teachers=True), splits, device=device, progress=progress
     )
