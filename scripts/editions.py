@@ -484,6 +484,17 @@ def clear_outputs(notebook: NotebookNode) -> NotebookNode:
     return notebook
 
 
+def committed_form(notebook: NotebookNode) -> NotebookNode:
+    """A notebook as it is committed: outputs cleared, and its ``language_info`` what this environment's
+    kernel reports, which is what JupyterLab writes into the file on opening. A notebook without it would be
+    marked modified as soon as it is opened (and rewritten by autosave before any cell runs)."""
+    from ipykernel.ipkernel import IPythonKernel
+
+    notebook = clear_outputs(notebook)
+    notebook.metadata["language_info"] = nbformat.from_dict(copy.deepcopy(IPythonKernel.language_info))
+    return notebook
+
+
 def instructor_edition(notebook: NotebookNode, name: str = "notebook") -> NotebookNode:
     """The instructor's notebook as nbgrader's ``source/`` holds it: checked, outputs cleared."""
     check_marking(notebook, name)
@@ -645,15 +656,17 @@ def generate(
 def publish(paths: Sequence[Path], folder: Path = PUBLISHED) -> list[Path]:
     """Write the student edition of every notebook into ``folder`` (``notebooks/student/``), the copies that
     Colab, Binder and the book's launch buttons open, and remove copies of notebooks that no longer exist.
-    The instructor's notebooks in ``notebooks/`` stay nbgrader's source."""
+    The instructor's notebooks in ``notebooks/`` stay nbgrader's source; both are written in
+    :func:`committed_form`."""
     notebooks = {path: read_notebook(path) for path in paths}
     for path, notebook in notebooks.items():
         check_marking(notebook, path.name)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for path, notebook in notebooks.items():
+        nbformat.write(committed_form(copy.deepcopy(notebook)), path)
         target = folder / path.name
-        nbformat.write(student_edition(notebook, path.name), target)
+        nbformat.write(committed_form(student_edition(notebook, path.name)), target)
         written.append(target)
     names = {path.name for path in paths}
     for stale in folder.glob("*.ipynb"):
@@ -854,7 +867,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument(
         "--timeout", type=int, default=DEFAULT_TIMEOUT_S, help="seconds per cell in nbgrader_config.py"
     )
-    commands.add_parser("publish", help="write the student editions into notebooks/student/ (committed)")
+    commands.add_parser(
+        "publish",
+        help="write the student editions into notebooks/student/ and every notebook in the form it is committed in",
+    )
     check = commands.add_parser("check", help="check the nbgrader marking only")
     check.add_argument(
         "notebooks", nargs="*", type=Path, help="instructor notebooks (default: notebooks/*.ipynb)"

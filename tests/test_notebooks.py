@@ -49,6 +49,12 @@ def test_notebook_is_committed_without_outputs(path: Path) -> None:
     dirty = [index for index, cell in enumerate(code_cells(notebook)) if cell.outputs or cell.execution_count]
     assert not dirty, f"code cells {dirty} have outputs or execution counts: strip them before committing"
     assert "widgets" not in notebook.metadata, "saved widget state: strip it before committing"
+    from ipykernel.ipkernel import IPythonKernel
+
+    assert notebook.metadata.get("language_info") == IPythonKernel.language_info, (
+        "its language_info is not what this environment's kernel reports, so JupyterLab would mark it modified "
+        "on opening: run python scripts/editions.py publish"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
