@@ -68,7 +68,7 @@ SETTINGS: dict[str, CrossLayerLesson] = {
         seeds=(0, 1, 2, 3, 4), chain={"base_width": 8, "teacher_epochs": 20, "adapter_epochs": 10},
     ),
     "lab": CrossLayerLesson(
-        image_size=32, teacher="resnet32w", student="resnet8w", width=0.25, teachers=3, teacher_epochs=10,
+        image_size=32, teacher="resnet32w", student="resnet8w", width=0.25, teachers=3, teacher_epochs=6,
         student_images=2000, gram_epochs=3, task_epochs=10, lr=0.05, gram_lr=0.01, batch_size=128, augment=False,
         seeds=(0, 1, 2), chain={"base_width": 8, "teacher_epochs": 8, "adapter_epochs": 3},
     ),
