@@ -73,6 +73,41 @@ def test_environment_yml_lists_the_pyproject_dependencies() -> None:
     assert "-e ." in environment["dependencies"][-1]["pip"], "the package itself must be installed"
 
 
+def imported_distributions() -> dict[str, set[str]]:
+    """Every distribution the package imports, and the files that import it (standard library and the package
+    itself left out), mapped from module to distribution by the installed metadata."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    providers = packages_distributions()
+    found: dict[str, set[str]] = {}
+    for path in (REPO / "kdbook_utils").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("kdbook_utils", "typing_extensions", "google"):
+                    continue  # typing_extensions: type checking only; google: Colab's own module
+                for distribution in providers.get(top, [top]):
+                    name = re.sub(r"[-_.]+", "-", distribution).lower()
+                    found.setdefault(name, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def test_every_package_the_code_imports_is_declared() -> None:
+    project = pyproject()["project"]
+    declared = set(by_name(project["dependencies"]))
+    for extra in project["optional-dependencies"].values():
+        declared |= set(by_name(extra))
+    missing = {name: sorted(files) for name, files in imported_distributions().items() if name not in declared}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
 def test_environment_python_satisfies_requires_python() -> None:
     conda, _ = environment_requirements()
     (python,) = [entry for entry in conda if entry.startswith("python")]
