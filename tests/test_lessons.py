@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib
 import pandas as pd
@@ -166,3 +167,67 @@ def test_the_book_tables_of_times_are_rendered_from_the_recorded_files(tmp_path,
         "**" not in lessons.notebook_times("01_hinton_kd").data
         and "12.6 min" in lessons.notebook_times("01_hinton_kd").data
     )
+
+
+# -------------------------------------------------------------------------------------- shipping teachers
+
+
+def test_two_lessons_shipping_at_once_keep_each_others_teachers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`teachers LESSON --ship` read-modify-writes one manifest: run for two lessons at once, each must keep
+    the other's entries; and a lesson shipping a new recipe replaces its own older file, no one else's."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from kdbook_utils.checkpoints import file_sha256, save_checkpoint
+    from kdbook_utils.experiments import TrainedModel
+    from kdbook_utils.lessons import teachers
+
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(64, 5, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+
+    class Runner:
+        def __init__(self, lesson: str, recipe: str) -> None:
+            self.lesson, self.preset = lesson, SimpleNamespace(name="lab")
+            self.splits = SimpleNamespace(test=labels)
+            model = nn.Linear(5, 3)
+            model.cache_key = f"linear_{lesson}_{recipe}"
+            path = save_checkpoint(model, tmp_path / "cache" / f"{recipe}.pt", recipe={"kind": recipe})
+            self.models = {"teacher": TrainedModel(model, None, path, "trained")}
+
+        def trained_models(self) -> dict:
+            return self.models
+
+        def accuracy(self, model: nn.Module, split: str) -> float:
+            with torch.no_grad():
+                return 100.0 * (model(images).argmax(1) == labels).float().mean().item()
+
+    folder = tmp_path / "teachers"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"models": {}}))
+
+    def slow_loads(text: str) -> dict:  # widens the window between reading the manifest and writing it
+        read = json.loads(text)
+        time.sleep(0.3)
+        return read
+
+    monkeypatch.setattr(teachers, "json", SimpleNamespace(loads=slow_loads, dump=json.dump))
+    shippers = [threading.Thread(target=teachers.ship, args=(Runner(lesson, "a"), "test", folder))
+                for lesson in ("hinton", "lsl")]  # fmt: skip
+    for shipper in shippers:
+        shipper.start()
+    for shipper in shippers:
+        shipper.join()
+    manifest = json.loads((folder / "manifest.json").read_text())["models"]
+    assert sorted(manifest) == ["linear_hinton_a.pt", "linear_lsl_a.pt"]
+    for name, record in manifest.items():
+        assert record["sha256"] == file_sha256(folder / name) and record["stored_as"] == "float16"
+
+    teachers.ship(Runner("hinton", "b"), "test", folder)
+    manifest = json.loads((folder / "manifest.json").read_text())["models"]
+    assert sorted(manifest) == ["linear_hinton_b.pt", "linear_lsl_a.pt"]
+    assert sorted(path.name for path in folder.glob("*.pt")) == sorted(manifest)

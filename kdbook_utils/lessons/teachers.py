@@ -15,12 +15,13 @@ and its accuracy on the test split. A lesson finds them by their recipe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,6 @@ def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dic
     the test split after the round trip through half precision, and record each in the manifest. Teachers
     this lesson shipped before for the same preset, under a recipe it no longer uses, are removed."""
     folder.mkdir(parents=True, exist_ok=True)
-    manifest_path = folder / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": {}}
     records = []
     for role, trained in runner.trained_models().items():
         stored = read_checkpoint(trained.path)
@@ -77,30 +76,56 @@ def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dic
         target = save_checkpoint(trained.model, folder / name, storage=torch.float16, leave_out=_left_out(trained),
                                  **stored["metadata"])  # fmt: skip
         reloaded = read_checkpoint(target)
-        copy = _half_copy(trained.model, reloaded)
+        rounded = _half_copy(trained.model, reloaded)
         history = stored["metadata"].get("history") or {}
-        record = {
-            "lesson": runner.lesson, "role": role, "preset": runner.preset.name,
+        records.append({
+            "file": name, "lesson": runner.lesson, "role": role, "preset": runner.preset.name,
             "recipe": stored["metadata"].get("recipe", {}), "trained_on": stored["metadata"].get("recipe", {}).get("train_data"),
             "precision": stored["metadata"].get("recipe", {}).get("precision", "float32"), "stored_as": "float16",
-            "test_accuracy": runner.accuracy(copy, "test"),
+            "test_accuracy": runner.accuracy(rounded, "test"),
             "test_accuracy_float32": float32_accuracy, "test_examples": len(runner.splits.test),
             "train_seconds": round(sum(history.get("seconds", [])), 1), "bytes": target.stat().st_size,
             "sha256": file_sha256(target), "machine": machine_description(), "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "command": command,
-        }  # fmt: skip
-        manifest["models"][name] = record
-        records.append({"file": name, **record})
-    current = {record["file"] for record in records}
-    for name, record in list(manifest["models"].items()):  # this lesson's teachers of an older recipe
-        if record.get("lesson") == runner.lesson and record.get("preset") == runner.preset.name and name not in current:
-            del manifest["models"][name]
-            (folder / name).unlink(missing_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(manifest, file, indent=1, sort_keys=True)
-    os.replace(temporary, manifest_path)
+        })  # fmt: skip
+    with _manifest_lock(folder):  # two lessons shipping at once each keep the other's entries
+        manifest_path = folder / MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": {}}
+        for record in records:
+            manifest["models"][record["file"]] = {
+                key: value for key, value in record.items() if key != "file"
+            }
+        current = {record["file"] for record in records}
+        for name, record in list(manifest["models"].items()):  # this lesson's teachers of an older recipe
+            if (
+                record.get("lesson") == runner.lesson
+                and record.get("preset") == runner.preset.name
+                and name not in current
+            ):
+                del manifest["models"][name]
+                (folder / name).unlink(missing_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".manifest.", suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump(manifest, file, indent=1, sort_keys=True)
+        os.replace(temporary, manifest_path)
     return records
+
+
+@contextlib.contextmanager
+def _manifest_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder``'s manifest while it is read, changed and written (POSIX only:
+    elsewhere shipping two lessons at once is the one thing not to do)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _half_copy(model: torch.nn.Module, checkpoint: dict[str, Any]) -> torch.nn.Module:
