@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     teachers.add_argument("lesson", help=f"one of {', '.join(LESSONS)}")
     _common(teachers, default_preset="lab")
     teachers.add_argument("--ship", action="store_true",
-                          help="write them, in half precision, into kdbook_utils/teachers with their manifest")  # fmt: skip
+                          help="write them (in half precision where that costs no accuracy) into kdbook_utils/teachers with their manifest")  # fmt: skip
 
     show = commands.add_parser("show", help="print the comparison tables of results files")
     show.add_argument(
@@ -557,7 +557,7 @@ def command_teachers(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"{role}: {model.path} ({model.source})")
     if args.ship:
         for shipped in ship(runner, "python -m kdbook_utils " + shlex.join(argv)):
-            print(f"shipped {shipped['file']}: {shipped['bytes'] / 1e6:.1f} MB, test accuracy "
+            print(f"shipped {shipped['file']} in {shipped['stored_as']}: {shipped['bytes'] / 1e6:.1f} MB, test accuracy "
                   f"{shipped['test_accuracy']:.2f} % (float32 {shipped['test_accuracy_float32']:.2f} %)")  # fmt: skip
     return 0
 

@@ -63,9 +63,15 @@ def _left_out(model: TrainedModel) -> tuple[str, ...]:
     return ("backbone.",) if recipe.get("kind") == "teacher exits" and not recipe.get("joint") else ()
 
 
+HALF_PRECISION_TOLERANCE = 0.1
+"""Test accuracy, in points, that storing a teacher in half precision may cost; a teacher that would lose
+more ships in float32."""
+
+
 def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dict[str, Any]]:
-    """Write every teacher of ``runner`` into the package's shipped models, in half precision, measured on
-    the test split after the round trip through half precision, and record each in the manifest. Teachers
+    """Write every teacher of ``runner`` into the package's shipped models, in half precision unless that
+    costs more than :data:`HALF_PRECISION_TOLERANCE` points of test accuracy (measured after the round trip
+    through the file), and record each in the manifest. Teachers
     this lesson shipped before for the same preset, under a recipe it no longer uses, are removed."""
     folder.mkdir(parents=True, exist_ok=True)
     records = []
@@ -75,14 +81,23 @@ def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dic
         float32_accuracy = runner.accuracy(trained.model, "test")
         target = save_checkpoint(trained.model, folder / name, storage=torch.float16, leave_out=_left_out(trained),
                                  **stored["metadata"])  # fmt: skip
-        reloaded = read_checkpoint(target)
-        rounded = _half_copy(trained.model, reloaded)
+        stored_as, shipped_accuracy = (
+            "float16",
+            runner.accuracy(_half_copy(trained.model, read_checkpoint(target)), "test"),
+        )
+        if (
+            float32_accuracy - shipped_accuracy > HALF_PRECISION_TOLERANCE
+        ):  # half precision costs accuracy: keep float32
+            target = save_checkpoint(
+                trained.model, folder / name, leave_out=_left_out(trained), **stored["metadata"]
+            )
+            stored_as, shipped_accuracy = "float32", float32_accuracy
         history = stored["metadata"].get("history") or {}
         records.append({
             "file": name, "lesson": runner.lesson, "role": role, "preset": runner.preset.name,
             "recipe": stored["metadata"].get("recipe", {}), "trained_on": stored["metadata"].get("recipe", {}).get("train_data"),
-            "precision": stored["metadata"].get("recipe", {}).get("precision", "float32"), "stored_as": "float16",
-            "test_accuracy": runner.accuracy(rounded, "test"),
+            "precision": stored["metadata"].get("recipe", {}).get("precision", "float32"), "stored_as": stored_as,
+            "test_accuracy": shipped_accuracy,
             "test_accuracy_float32": float32_accuracy, "test_examples": len(runner.splits.test),
             "train_seconds": round(sum(history.get("seconds", [])), 1), "bytes": target.stat().st_size,
             "sha256": file_sha256(target), "machine": machine_description(), "commit": git_commit(),
