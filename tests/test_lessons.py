@@ -231,3 +231,62 @@ def test_two_lessons_shipping_at_once_keep_each_others_teachers(
     manifest = json.loads((folder / "manifest.json").read_text())["models"]
     assert sorted(manifest) == ["linear_hinton_b.pt", "linear_lsl_a.pt"]
     assert sorted(path.name for path in folder.glob("*.pt")) == sorted(manifest)
+
+
+# ------------------------------------------------------------------------------------------ jobs and keys
+
+
+def test_an_edited_loss_function_is_a_new_job_and_the_same_one_is_not(tmp_path: Path) -> None:
+    """A learner's own loss in a job counts by its source: fixing it retrains, re-running the cell does not."""
+    import importlib.util
+
+    from kdbook_utils.lessons import job_key
+
+    def load(name: str, body: str):  # the same function name, as a re-run notebook cell defines it
+        (tmp_path / f"{name}.py").write_text(f"def my_kd_loss(student, teacher):\n    return {body}\n")
+        spec = importlib.util.spec_from_file_location(name, tmp_path / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.my_kd_loss
+
+    first, rerun, fixed = load("a", "(student - teacher).abs().mean()"), load("b", "(student - teacher).abs().mean()"), load("c", "(student - teacher).pow(2).mean()")  # fmt: skip
+    spec = {"method": "KD", "temperature": 4.0, "alpha": 0.1}
+    assert job_key({**spec, "loss": first}) == job_key({**spec, "loss": rerun})
+    assert job_key({**spec, "loss": first}) != job_key({**spec, "loss": fixed})
+    assert job_key({**spec, "alpha": 0.5}) != job_key(spec)
+    assert job_key({"alpha": 0.1, "method": "KD", "temperature": 4.0}) == job_key(spec)  # order plays no part
+
+
+def test_a_job_met_twice_trains_once_and_the_environment_preset_is_the_named_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kdbook_utils.data import DataSplits
+    from kdbook_utils.lessons import LessonRunner
+    from kdbook_utils.presets import get_preset
+
+    trained: list[tuple[dict, int]] = []
+
+    class Runner(LessonRunner):
+        def complete(self, spec):
+            return {"alpha": 0.1, **spec}
+
+        def train_job(self, spec, seed):
+            trained.append((spec, seed))
+            return f"run {len(trained)}"
+
+    for name in ("quick", "lab"):
+        monkeypatch.setenv("KDBOOK_PRESET", name)
+        from_environment = get_preset()
+        monkeypatch.delenv("KDBOOK_PRESET")
+        assert from_environment == get_preset(name)
+        assert LessonRunner.runtime(from_environment, None) == LessonRunner.runtime(get_preset(name), None)
+    preset = get_preset("quick")
+    device, precision = LessonRunner.runtime(preset, None)
+    runner = Runner(preset, None, DataSplits(None, None, None), device, precision, False)
+    assert runner.job({"method": "KD"}, 0) == runner.job({"method": "KD", "alpha": 0.1}, 0) == "run 1"
+    assert (
+        runner.job({"method": "KD"}, 1) == "run 2"
+        and runner.job({"method": "KD", "alpha": 0.5}, 0) == "run 3"
+    )
+    assert trained == [({"alpha": 0.1, "method": "KD"}, 0), ({"alpha": 0.1, "method": "KD"}, 1),
+                       ({"alpha": 0.5, "method": "KD"}, 0)]  # fmt: skip
