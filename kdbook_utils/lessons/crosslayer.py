@@ -429,7 +429,12 @@ class CrossLayerRunner(LessonRunner):
 
     def chain_teachers(self) -> tuple[TrainedModel, TrainedModel]:
         """The chain's ResNet-50 teacher (trained on the teachers' split) and its copy with 1x1 adapters to
-        ResNet-10's widths, fine-tuned (both cached; shipped for quick and lab)."""
+        ResNet-10's widths, fine-tuned (both cached; shipped for quick and lab). Loaded once per runner."""
+        if getattr(self, "_chain_teachers", None) is None:
+            self._chain_teachers = self._load_chain_teachers()
+        return self._chain_teachers
+
+    def _load_chain_teachers(self) -> tuple[TrainedModel, TrainedModel]:
         s, chain = self.settings, self.settings.chain
         sized = DataSplits(self.full_train, self.splits.val, self.splits.test)
         common = {"lr": s.lr, "batch_size": s.batch_size, "device": self.device, "precision": self.precision,
