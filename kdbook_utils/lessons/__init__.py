@@ -173,6 +173,14 @@ def verdict_sentence(comparison: Any, method: str, preset: Preset, recorded: str
             f"effect; {recorded} has the recorded `lab` runs of the same comparison.")  # fmt: skip
 
 
+WHERE_FROM: dict[str, str] = {
+    "shipped": "shipped with the course",
+    "cache": "from your cache",
+    "trained": "trained in this run",
+}
+"""Where a teacher came from (:attr:`~kdbook_utils.experiments.TrainedModel.source`), in words."""
+
+
 def job_key(spec: Mapping[str, Any]) -> str:
     """The key a run is kept under: the job's full specification as canonical JSON. A function in it (a
     learner's own loss, say) counts by its name and source code, so an edited function is a new job."""
@@ -311,11 +319,6 @@ class LessonRunner:
         seeds = ", ".join(str(seed) for seed in getattr(self.settings, "seeds", ()))
         teachers = self.teacher_models()
         first = next(iter(teachers.values()))
-        where = {
-            "shipped": "shipped with the course",
-            "cache": "from your cache",
-            "trained": "trained in this run",
-        }
         learned = _images_in(first)
         text = (
             f"**Scale** (preset `{self.preset.name}`, device `{self.device}`, "
@@ -324,7 +327,7 @@ class LessonRunner:
             f"{len(self.splits.val):,} validation images and the final comparison uses {len(self.splits.test):,} "
             f"test images. The teacher{'s' if len(teachers) > 1 else ''} "
             f"({', '.join(sorted({str(getattr(t.model, 'arch', 'teacher')) for t in teachers.values()}))}, "
-            f"{where[first.source]}) learned from {learned} images and reach"
+            f"{WHERE_FROM[first.source]}) learned from {learned} images and reach"
             f"{'' if len(teachers) > 1 else 'es'} **{self.teacher_accuracy():.1f} %** on the validation split"
             f"{' (the first of them)' if len(teachers) > 1 else ''}."
         )
