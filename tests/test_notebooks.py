@@ -98,6 +98,30 @@ def test_notebook_runs_top_to_bottom(path: Path, executed_notebooks: ExecutedNot
             )
     kernel_name = executed_notebooks.kernel_name
     assert executed.metadata["kernelspec"]["name"] != kernel_name, "keeps the notebook's own kernel name"
+    too_wide = {
+        index: width
+        for index, cell in enumerate(cells)
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
+        and (width := png_width(output.data["image/png"])) > MAX_FIGURE_WIDTH_PX
+    }
+    assert not too_wide, (
+        f"figures wider than {MAX_FIGURE_WIDTH_PX} px (code cell: width) are shrunk until their text is "
+        f"illegible at the book's column width: {too_wide}; put the panels in rows"
+    )
+
+
+MAX_FIGURE_WIDTH_PX = 1100
+"""The widest figure a lesson may draw: the book's column is about 850 px, so wider figures are scaled down
+and text of matplotlib's default size drops below a legible size."""
+
+
+def png_width(encoded: str) -> int:
+    """The width in pixels of a base64-encoded PNG (from its IHDR header)."""
+    import base64
+    import struct
+
+    return struct.unpack(">I", base64.b64decode(encoded[:48])[16:20])[0]
 
 
 # ------------------------------------------------------------------------------- the code a lesson shows

@@ -797,11 +797,15 @@ def plot_measurements(
     """One panel per measurement: every run as a dot (each seed's runs joined by a grey line), each method's
     mean as a bar, the teacher as a dashed line."""
     part = runs[(runs["split"] == split) & (runs["failed"] == "")]
+    columns = min(3, len(metrics))  # at most three panels a row: legible at the book's column width
+    rows = -(-len(metrics) // columns)
     fig, axes = plt.subplots(
-        1, len(metrics), figsize=(3.3 * len(metrics), 3.4), layout="constrained", dpi=DPI, squeeze=False
+        rows, columns, figsize=(3.2 * columns, 3.3 * rows), layout="constrained", dpi=DPI, squeeze=False
     )
+    for unused in axes.flat[len(metrics) :]:
+        unused.set_visible(False)
     colours = plt.cm.tab10(np.arange(len(methods)))
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes.flat, metrics):
         label = METRICS[metric][0] if metric in METRICS else DESCRIPTIVE.get(metric, metric)
         for _, seed_runs in part[part["method"].isin(methods)].groupby("seed"):
             ordered = seed_runs.set_index("method").reindex(methods)
