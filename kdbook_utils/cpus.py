@@ -83,11 +83,31 @@ def _levels(mount: Path, cgroup_path: str) -> Iterator[Path]:
         folder = folder.parent
 
 
-def _read(path: Path) -> str | None:
+def _read(path: Path) -> str:
+    """The file's text, or "" when it is missing or unreadable (the parsers read "" as "no limit")."""
     try:
         return path.read_text()
     except OSError:
-        return None
+        return ""
+
+
+def _v2_limits(cgroup_root: Path, cgroup_path: str) -> Iterator[float]:
+    """The ``cpu.max`` limits along the process's v2 cgroup (mounted at the root, or at ``unified/``
+    beside v1 hierarchies)."""
+    for mount in (cgroup_root, cgroup_root / "unified"):
+        for level in _levels(mount, cgroup_path):
+            limit = cpu_max_limit(_read(level / "cpu.max"))
+            if limit is not None:
+                yield limit
+
+
+def _v1_limits(cgroup_root: Path, cgroup_path: str) -> Iterator[float]:
+    """The CFS quota limits along the process's v1 cgroup of the ``cpu`` controller."""
+    for mount in sorted({cgroup_root / name for name in V1_CPU_MOUNTS}):
+        for level in _levels(mount, cgroup_path):
+            limit = cfs_quota_limit(_read(level / "cpu.cfs_quota_us"), _read(level / "cpu.cfs_period_us"))
+            if limit is not None:
+                yield limit
 
 
 def cgroup_cpu_limit(
@@ -99,31 +119,16 @@ def cgroup_cpu_limit(
     ``proc_self_cgroup`` lists the process's cgroup per hierarchy (``0::/path`` for v2,
     ``4:cpu,cpuacct:/path`` for v1); the limits are read from the files under ``cgroup_root``.
     """
-    listing = _read(proc_self_cgroup)
-    if listing is None:
-        return None
     limits: list[float] = []
-    for line in listing.splitlines():
+    for line in _read(proc_self_cgroup).splitlines():
         fields = line.split(":", 2)
         if len(fields) != 3:
             continue
         _, controllers, cgroup_path = fields
-        if controllers == "":  # cgroup v2: unified, or beside v1 in a hybrid set-up
-            for mount in (cgroup_root, cgroup_root / "unified"):
-                for level in _levels(mount, cgroup_path):
-                    text = _read(level / "cpu.max")
-                    limit = cpu_max_limit(text) if text is not None else None
-                    if limit is not None:
-                        limits.append(limit)
+        if controllers == "":
+            limits += _v2_limits(cgroup_root, cgroup_path)
         elif "cpu" in controllers.split(","):
-            for mount in {cgroup_root / name for name in V1_CPU_MOUNTS}:
-                for level in _levels(mount, cgroup_path):
-                    quota, period = _read(level / "cpu.cfs_quota_us"), _read(level / "cpu.cfs_period_us")
-                    limit = (
-                        cfs_quota_limit(quota, period) if quota is not None and period is not None else None
-                    )
-                    if limit is not None:
-                        limits.append(limit)
+            limits += _v1_limits(cgroup_root, cgroup_path)
     return min(limits) if limits else None
 
 
