@@ -62,7 +62,7 @@ def test_the_version_the_changelog_and_the_pinned_tag_agree() -> None:
     if re.fullmatch(r"v\d+(\.\d+)*", repository.branch):  # a release tag (a fork may publish a branch)
         assert repository.branch == f"v{VERSION}", (
             f"kdbook/_config.yml pins {repository.branch} but the package is {VERSION}: run "
-            f"`python3 scripts/set_repository.py --branch v{VERSION}`"
+            f"`python3 scripts/set_repository.py --tag v{VERSION}`"
         )
 
 
