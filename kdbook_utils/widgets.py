@@ -4,6 +4,10 @@
 a rendered page (the book, GitHub, a notebook opened without a kernel) is never blank, and shows the
 controls above it; in a live kernel, changing a control redraws the figure in place. Leave the call as
 the cell's last line to show it (like any widget), or pass the result to ``display``.
+
+The helpers work with ipywidgets 7.7 (the version Colab ships) and 8, through one code path: they use
+only what both versions have (``get_view_spec`` to show a widget, not 8's ``_repr_mimebundle_`` or 7's
+``_ipython_display_``).
 """
 
 from __future__ import annotations
@@ -212,7 +216,11 @@ class InteractiveFigure(widgets.VBox):
 
     def _ipython_display_(self) -> None:
         """Show the controls, then the current figure as an ordinary image that redraws update in place."""
-        display(self._repr_mimebundle_(), raw=True)
+        controls = {
+            "text/plain": f"{type(self).__name__}({', '.join(self.controls)})",
+            "application/vnd.jupyter.widget-view+json": self.get_view_spec(),
+        }
+        display(controls, raw=True)
         self._handle = display(self.figure, display_id=True)
 
 

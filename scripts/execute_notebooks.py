@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -39,15 +40,19 @@ DEFAULT_TIMEOUT_S = 900
 
 
 @contextmanager
-def kernel_for_this_python(preset: str, env: Mapping[str, str] | None = None) -> Iterator[str]:
-    """A kernel spec that starts ``sys.executable`` with ``KDBOOK_PRESET=preset`` and the variables in
-    ``env`` (e.g. ``KDBOOK_CACHE``) set; yields its name."""
+def kernel_for_this_python(
+    preset: str, env: Mapping[str, str] | None = None, python: str | None = None
+) -> Iterator[str]:
+    """A kernel spec that starts ``sys.executable`` (or ``python``, another environment's interpreter)
+    with ``KDBOOK_PRESET=preset`` and the variables in ``env`` (e.g. ``KDBOOK_CACHE``) set; yields its
+    name."""
+    python = python or sys.executable
     with tempfile.TemporaryDirectory(prefix="kdbook-kernel-") as folder:
         spec_dir = Path(folder, "kernels", KERNEL_NAME)
         spec_dir.mkdir(parents=True)
         spec = {
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": f"kdbook ({sys.executable})",
+            "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"kdbook ({python})",
             "language": "python",
             "env": {"KDBOOK_PRESET": preset, "PYDEVD_DISABLE_FILE_VALIDATION": "1", **(env or {})},
         }
@@ -63,6 +68,32 @@ def kernel_for_this_python(preset: str, env: Mapping[str, str] | None = None) ->
                 os.environ["JUPYTER_PATH"] = previous
 
 
+def peak_resident_mib(pid: int | str = "self") -> float | None:
+    """The most resident memory process ``pid`` has held so far, in MiB (Linux: ``VmHWM`` in
+    ``/proc/<pid>/status``); None where the system does not say."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, flags=re.MULTILINE)
+    return int(found.group(1)) / 1024 if found else None
+
+
+class KernelMemory:
+    """The kernel's peak resident memory while it ran a notebook, read after every cell (``VmHWM`` is a
+    high-water mark, so the last reading is the peak). The kernel process only: none of the lessons starts
+    worker processes in its kernel."""
+
+    def __init__(self) -> None:
+        self.peak_mib: float | None = None
+
+    def read(self, client: NotebookClient) -> None:
+        pid = getattr(getattr(client.km, "provisioner", None), "pid", None)
+        peak = peak_resident_mib(pid) if pid is not None else None
+        if peak is not None:
+            self.peak_mib = max(peak, self.peak_mib or 0.0)
+
+
 def execute_notebook(
     path: Path,
     *,
@@ -70,9 +101,11 @@ def execute_notebook(
     timeout: int = DEFAULT_TIMEOUT_S,
     cwd: Path | None = None,
     allow_errors: bool = False,
+    memory: KernelMemory | None = None,
 ) -> nbformat.NotebookNode:
     """Run every cell of ``path`` in order and return the executed notebook (raises on a failing cell,
     unless ``allow_errors``: then every cell runs and errors stay in the outputs, as a grader runs it).
+    With ``memory``, the kernel's peak resident memory is recorded in it.
 
     The kernel talks to this process over local sockets (the IPC transport), not TCP: nothing listens on
     the network, and the kernel has no reason to warn that its traffic is unencrypted."""
@@ -89,6 +122,8 @@ def execute_notebook(
             resources={"metadata": {"path": str(cwd or path.parent)}},
             store_widget_state=True,
         )
+        if memory is not None:
+            client.on_cell_executed = lambda **_: memory.read(client)
         try:
             client.execute()
         finally:

@@ -1,9 +1,14 @@
-"""Point the book, the notebooks and the README at the repository the labs are published from.
+"""Point the book, the notebooks and the README at the repository the labs are published from, and at
+the release (a tag) or branch that courses use.
 
     python3 scripts/set_repository.py https://github.com/my-org/kd-course --branch main
+    python3 scripts/set_repository.py --tag v0.2.0   # pin a release: the install lines and badges name it
     python3 scripts/set_repository.py --check     # list every link that disagrees with _config.yml
 
-The address lives in one setting, ``repository.url`` and ``repository.branch`` in ``kdbook/_config.yml``:
+The address lives in one setting, ``repository.url`` and ``repository.branch`` in ``kdbook/_config.yml``
+(``branch`` may name a tag: the project's own links name its release tag, ``v`` + the package version,
+so that a commit pushed to ``main`` mid-term changes no student's lab; ``--tag`` is another name for
+``--branch``):
 the book's launch buttons (Binder, Colab) and its repository button are built from it. Copies of the
 address also sit where no build step can fill them in: the Colab and Binder badges in the README and in
 the notebooks, and the Colab install line in each notebook's first code cell
@@ -215,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("url", nargs="?", help="the new address, https://github.com/OWNER/NAME")
-    parser.add_argument("--branch", default=None, help="the branch to publish from (default: unchanged)")
+    parser.add_argument(
+        "--branch", "--tag", dest="branch", default=None,
+        help="the branch or release tag to publish from, e.g. v0.2.0 (default: unchanged)",
+    )  # fmt: skip
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if any link disagrees")
     args = parser.parse_args(argv)
     try:

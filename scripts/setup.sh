@@ -7,6 +7,8 @@
 # Creates .venv with $PYTHON (default python3) if it is missing or broken, and runs
 # `pip install -e ".[test,book]"` only when pyproject.toml (or the Python version) changed since the
 # last successful install: a stamp file in .venv holds their hash, so a second run takes a second.
+# The same step downloads the wheels of Colab's widget versions (tests/colab_widgets.txt) into
+# .venv/colab-widgets-wheels/, for tests/test_colab_widgets.py, which runs offline.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,9 +25,9 @@ if ! "$VENV/bin/python" -c "import sys" >/dev/null 2>&1; then
     "$PYTHON" -m venv --clear "$VENV"
 fi
 
-wanted="$("$VENV/bin/python" - "$ROOT/pyproject.toml" <<'PY'
+wanted="$("$VENV/bin/python" - "$ROOT/pyproject.toml" "$ROOT/tests/colab_widgets.txt" <<'PY'
 import hashlib, sys
-digest = hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest()
+digest = hashlib.sha256(b"".join(open(path, "rb").read() for path in sys.argv[1:])).hexdigest()
 print(f"{digest} python-{sys.version_info.major}.{sys.version_info.minor}")
 PY
 )"
@@ -39,6 +41,8 @@ echo "setup: installing kdbook-utils with its test and book extras into $VENV (t
 start=$SECONDS
 "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip
 "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[test,book]"
+"$VENV/bin/python" -m pip download --disable-pip-version-check --quiet --no-deps \
+    --dest "$VENV/colab-widgets-wheels" -r "$ROOT/tests/colab_widgets.txt"
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name kdbook --display-name "Python (kdbook)" >/dev/null
 printf '%s\n' "$wanted" > "$STAMP"
 echo "setup: done in $((SECONDS - start)) s"

@@ -139,11 +139,12 @@ def test_the_book_tables_of_times_are_rendered_from_the_recorded_files(tmp_path,
     assert "No running times recorded yet" in lessons.timings_markdown()
     assert "No experiments recorded yet" in lessons.recordings_markdown()
     pd.DataFrame([{"notebook": "01_hinton_kd", "preset": "lab", "cached": True, "machine": "m", "date": "d",
-                   "seconds": 754.0},
+                   "seconds": 754.0, "peak_memory_mib": 1536.0, "memory_date": "d2"},
                   {"notebook": "01_hinton_kd", "preset": "lab", "cached": False, "machine": "m", "date": "d",
                    "seconds": 1114.0, "teacher_seconds": 360.0},
                   {"notebook": "00_start_here", "preset": "quick", "cached": False, "machine": "m", "date": "d",
-                   "seconds": 30.0}]).to_csv(tmp_path / "timings.csv", index=False)  # fmt: skip
+                   "seconds": 30.0, "peak_memory_mib": 612.4, "memory_date": "d"}],
+                 ).to_csv(tmp_path / "timings.csv", index=False)  # fmt: skip
     (tmp_path / "lab").mkdir()
     provenance = {
         "lesson": "hinton",
@@ -157,11 +158,12 @@ def test_the_book_tables_of_times_are_rendered_from_the_recorded_files(tmp_path,
     }
     (tmp_path / "lab" / "hinton.json").write_text(json.dumps(provenance))
     text = lessons.write_timings_markdown(tmp_path / "times.md").read_text()
-    assert "| `01_hinton_kd` | `lab` | already cached | m | d | 12.6 min |" in text
+    assert "| `01_hinton_kd` | `lab` | already cached | m | d (memory d2) | 12.6 min | 1.5 GiB |" in text
     assert (
-        "| `01_hinton_kd` | `lab` | trained first (6.0 min, timed on their own) | m | d | 18.6 min |" in text
+        "| `01_hinton_kd` | `lab` | trained first (6.0 min, timed on their own) | m | d | 18.6 min "
+        "| not measured yet |" in text
     )
-    assert "| `00_start_here` | `quick` | empty cache, notebooks in order | m | d | 30 s |" in text
+    assert "| `00_start_here` | `quick` | empty cache, notebooks in order | m | d | 30 s | 612 MiB |" in text
     assert "| hinton | `lab` | ? | m, `cpu`, bfloat16 | 2026-12-02 | 25 min |" in text
     assert (
         "**" not in lessons.notebook_times("01_hinton_kd").data

@@ -149,6 +149,34 @@ def test_binder_installs_cpu_torch_then_the_package_with_its_lab_extra() -> None
     assert runtime == f"python-{python.split('=')[-1]}", "binder/runtime.txt and environment.yml differ"
 
 
+# What Colab preinstalls (googlecolab/backend-info, pip-freeze.txt and pip-freeze.gpu.txt, 2026-08-19, Python
+# 3.13). The install cell must install the package alone: pip upgrades a dependency only when its version is
+# below the package's lower bound. tests/colab_widgets.txt pins the same widget versions for the widget tests.
+COLAB = {
+    "torch": "2.11.0",
+    "torchvision": "0.26.0",
+    "ipywidgets": "7.7.1",
+    "matplotlib": "3.10.0",
+    "seaborn": "0.13.2",
+    "pandas": "2.2.3",
+    "tqdm": "4.67.3",
+    "scikit-learn": "1.6.1",
+}
+
+
+def test_colab_s_preinstalled_packages_meet_every_dependency() -> None:
+    project = pyproject()["project"]
+    dependencies = by_name(project["dependencies"])
+    assert sorted(dependencies) == sorted(COLAB), "a new dependency: add Colab's version of it to COLAB"
+    for name, requirement in dependencies.items():
+        assert requirement.specifier.contains(COLAB[name], prereleases=True), (
+            f"{requirement} would make the Colab install cell replace Colab's {name} {COLAB[name]}"
+        )
+    assert Requirement(f"python{project['requires-python']}").specifier.contains("3.13")
+    widgets = (REPO / "tests" / "colab_widgets.txt").read_text()
+    assert f"ipywidgets=={COLAB['ipywidgets']}" in widgets
+
+
 def test_torch_is_never_pinned() -> None:
     project = pyproject()["project"]
     everything = list(project["dependencies"])
@@ -360,7 +388,9 @@ def test_book_builds_offline(built_book: Path) -> None:
     html = built_book
     assert (html / "index.html").is_file()
     lesson = (html / "lessons" / "01_hinton_kd.html").read_text()
-    assert "colab.research.google.com/github/kdbook/kdbook/blob/main/notebooks/01_hinton_kd.ipynb" in lesson
+    repository = load_module(REPO / "scripts" / "set_repository.py").configured_repository(REPO)
+    colab = f"colab.research.google.com/github/{repository.owner_name}/blob/{repository.branch}"
+    assert f"{colab}/notebooks/01_hinton_kd.ipynb" in lesson
     assert "kdbook/lessons/01_hinton_kd.ipynb" not in lesson
     assert "Lesson 1" in lesson
     # Math is typeset by the book's own copy of MathJax, and code wraps (kdbook/_static/kdbook.css).

@@ -44,6 +44,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def _memory(row: Mapping[str, Any]) -> str:
+    """The kernel's peak resident memory of a timed run, e.g. "610 MiB" or "1.4 GiB"."""
+    mib = row.get("peak_memory_mib")
+    if mib is None or pd.isna(mib):
+        return "not measured yet"
+    return f"{mib:.0f} MiB" if mib < 1024 else f"{mib / 1024:.1f} GiB"
+
+
+def _measured(row: Mapping[str, Any]) -> str:
+    """The date of the time, and of the memory where it was measured on another day."""
+    memory_date = row.get("memory_date")
+    if memory_date is None or pd.isna(memory_date) or memory_date == row["date"]:
+        return str(row["date"])
+    return f"{row['date']} (memory {memory_date})"
+
+
 def _times_rows(table: pd.DataFrame) -> list[str]:
     lines = []
     for row in table.to_dict("records"):
@@ -55,19 +71,21 @@ def _times_rows(table: pd.DataFrame) -> list[str]:
             teachers = f"trained first ({_duration(row['teacher_seconds'])}, timed on their own)"
         else:
             teachers = "empty cache, notebooks in order"
-        lines.append(
-            f"| `{row['preset']}` | {teachers} | {row['machine']} | {row['date']} | {_duration(row['seconds'])} |"
-        )
+        lines.append(f"| `{row['preset']}` | {teachers} | {row['machine']} | {_measured(row)} "
+                     f"| {_duration(row['seconds'])} | {_memory(row)} |")  # fmt: skip
     return lines
 
 
 def timings_markdown() -> str:
-    """Every recorded notebook time as one Markdown table (the instructor guide includes it)."""
+    """Every recorded notebook time and peak memory, as one Markdown table (the instructor guide shows it)."""
     path = RESULTS / "timings.csv"
     if not path.is_file():
         return "*No running times recorded yet.*\n"
     table = pd.read_csv(path)
-    lines = ["| notebook | preset | teachers | machine | measured | time |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| notebook | preset | teachers | machine | measured | time | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for notebook, rows in table.groupby("notebook", sort=True):
         lines += [f"| `{notebook}` " + line for line in _times_rows(rows)]
     return "\n".join(lines) + "\n"
@@ -108,10 +126,12 @@ def write_timings_markdown(path: str | Path) -> Path:
 
 
 def notebook_times(notebook: str) -> Markdown:
-    """This notebook's measured running times, from ``results/timings.csv``, as a small Markdown table.
+    """This notebook's measured running times and peak memory, from ``results/timings.csv``, as a small
+    Markdown table.
 
     The file records each run of the notebooks we timed: the preset, whether the teachers were already
-    cached, the machine, the date and the seconds. The table is rendered from it, never typed.
+    cached, the machine, the date, the seconds and the kernel's peak resident memory (what a student's
+    JupyterHub pod needs). The table is rendered from it, never typed.
     """
     path = RESULTS / "timings.csv"
     if not path.is_file():
@@ -120,7 +140,7 @@ def notebook_times(notebook: str) -> Markdown:
     mine = table[table["notebook"] == notebook]
     if mine.empty:
         return Markdown("*No running times recorded yet for this notebook.*")
-    lines = ["| preset | teachers | machine | measured | time |", "|---|---|---|---|---|"]
+    lines = ["| preset | teachers | machine | measured | time | peak memory |", "|---|---|---|---|---|---|"]
     return Markdown("\n".join(lines + _times_rows(mine)))
 
 
