@@ -104,7 +104,9 @@ def test_every_package_the_code_imports_is_declared() -> None:
     declared = set(by_name(project["dependencies"]))
     for extra in project["optional-dependencies"].values():
         declared |= set(by_name(extra))
-    missing = {name: sorted(files) for name, files in imported_distributions().items() if name not in declared}
+    missing = {
+        name: sorted(files) for name, files in imported_distributions().items() if name not in declared
+    }
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
 
 
@@ -224,13 +226,20 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_command() -> None:
     assert "kdbook/_build/html/index.html" in readme
     repository = load_module(REPO / "scripts" / "set_repository.py").configured_repository(REPO)
     for badge in (
-        f"https://mybinder.org/v2/gh/{repository.owner_name}/{repository.branch}?labpath=notebooks",
+        f"https://mybinder.org/v2/gh/{repository.owner_name}/{repository.branch}?labpath=notebooks/student)",
         (
             f"https://colab.research.google.com/github/{repository.owner_name}/blob/{repository.branch}"
-            "/notebooks/00_start_here.ipynb"
+            "/notebooks/student/00_start_here.ipynb"
         ),
     ):
-        assert badge in readme
+        assert badge in readme  # the student editions: the instructor's notebooks hold the solutions
+    launch_links = re.findall(r"https://(?:mybinder\.org|colab\.research\.google\.com)/[^)\s\"]+", readme)
+    for path in [REPO / "kdbook" / "intro.md", *sorted((REPO / "notebooks").rglob("*.ipynb"))]:
+        launch_links += re.findall(
+            r"https://(?:mybinder\.org/v2|colab\.research\.google\.com/github)/[^)\s\"]+", path.read_text()
+        )
+    leaking = [link for link in launch_links if "notebooks" in link and "notebooks/student" not in link]
+    assert not leaking, f"launch links that open the instructor's notebooks (with solutions): {leaking}"
 
 
 @pytest.mark.parametrize(
