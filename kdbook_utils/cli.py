@@ -58,6 +58,7 @@ from kdbook_utils.lessons.sweep import RayExecutor, RunFolder, ray_available, st
 from kdbook_utils.lessons.teachers import ship, train_teachers
 from kdbook_utils.methods.lsl import REDUCTIONS
 from kdbook_utils.models import list_models
+from kdbook_utils.models.gpt import GPT_FAMILY
 from kdbook_utils.models.multi_exit import HEAD_STYLES
 from kdbook_utils.models.small_cnn import SMALL_CNN_FAMILY
 from kdbook_utils.presets import PRESET_ENV_VAR, PRESETS, Preset
@@ -313,6 +314,8 @@ def _choices(lesson: str, name: str) -> Sequence[str] | None:
     """The names a lesson can build for a settings field that names something (None: not a name)."""
     if lesson == "hinton" and name in ("student", "students"):
         return list(SMALL_CNN_FAMILY)
+    if lesson == "lm" and name in ("teacher", "student"):
+        return list(GPT_FAMILY)
     if name in ("teacher", "student", "pretrained_teacher"):
         return list_models()
     return {"reduction": REDUCTIONS, "heads": HEAD_STYLES}.get(name)

@@ -25,6 +25,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+import torch
+
 from kdbook_utils.errors import check_int, check_keywords, check_number, closest, must_be
 
 PRESET_ENV_VAR = "KDBOOK_PRESET"
@@ -196,12 +198,7 @@ def on_colab() -> bool:
 def default_preset_name() -> str:
     """The preset a notebook runs when nobody names one: ``lab`` on Colab with a GPU (real images in a few
     minutes), ``quick`` everywhere else (no files to fetch, minutes on a CPU)."""
-    if on_colab():
-        import torch
-
-        if torch.cuda.is_available():
-            return "lab"
-    return "quick"
+    return "lab" if on_colab() and torch.cuda.is_available() else "quick"
 
 
 def get_preset(name: str | None = None) -> Preset:

@@ -622,18 +622,20 @@ def train_step(
     precision: torch.dtype | None = None,
     grad_clip: float | None = None,
 ) -> tuple[Logits, dict[str, Tensor]]:
-    """One optimisation step, the same for every method: forward, the loss terms added, backward, step."""
-    # Mixed precision (bfloat16 or float16) runs the forward pass only; precision=None stays in float32.
+    """One optimisation step, the same for every method: forward, sum of losses, backward, step."""
+    # Mixed precision (bfloat16 or float16) runs the forward pass only; None stays in float32.
     with torch.autocast(images.device.type, dtype=precision, enabled=precision is not None):
-        logits, losses = method(images, labels)  # the student's logits, and the method's named loss terms
-        loss = sum(losses.values())  # e.g. {"ce": ..., "kd": ...}: the total is their sum
+        # the student's logits, and the method's named loss terms, e.g. {"ce": ..., "kd": ...}
+        logits, losses = method(images, labels)
+        loss = sum(losses.values())  # the total is their sum
     optimizer.zero_grad(set_to_none=True)
     # The scaler acts only for float16 on a GPU (small gradients would underflow to zero); otherwise
     # scaler.scale(loss) is loss, and scaler.step(optimizer) is optimizer.step().
     scaler.scale(loss).backward()
     if grad_clip is not None:
         scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(parameters, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return logits, losses

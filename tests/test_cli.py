@@ -80,6 +80,7 @@ def test_list_names_every_lesson_stage_and_preset(capsys: pytest.CaptureFixture[
         (["run", "hinton", "--set", "epochs=2.5"], ["epochs=2.5", "whole number"]),
         (["run", "hinton", "--set", "student=3"], ["student=3", "e.g. --set student='cnn-3x16'"]),
         (["run", "hinton", "--set", "epochs"], ["FIELD=VALUE", "'epochs'"]),
+        (["run", "lm", "--set", "student=gpt-1x33"], ["'gpt-1x33'", "gpt-1x32, gpt-2x32", "Did you mean 'gpt-1x32'?"]),
         (["run", "hinton", "--device", "tpu"], ["--device tpu", "'auto', 'cpu', 'cuda'"]),
         (["run", "hinton", "--ray", "--cpus-per-run", "0"], ["--cpus-per-run 0", "e.g. --cpus-per-run 1"]),
         (["show", "/no/such/results"], ["'/no/such/results'", "results/lab/hinton.csv"]),
@@ -128,10 +129,10 @@ def test_stages_bring_the_stages_they_need() -> None:
 
 def test_overrides_keep_the_settings_types() -> None:
     settings = LESSONS["hinton"].settings["quick"]
-    changed = cli._override(cli._override(settings, "temperatures=[2, 8]"), "seeds=7")
+    changed = cli._apply_overrides("hinton", settings, ["temperatures=[2, 8]", "seeds=7"])
     assert changed.temperatures == (2, 8) and changed.seeds == (7,)
-    assert cli._override(settings, "student=cnn-2x16").student == "cnn-2x16"
-    assert cli._override(settings, "lr=0.1").lr == 0.1
+    assert cli._apply_overrides("hinton", settings, ["student=cnn-2x16"]).student == "cnn-2x16"
+    assert cli._apply_overrides("hinton", settings, ["lr=0.1"]).lr == 0.1
 
 
 def test_several_values_are_written_with_commas_or_by_repeating_set() -> None:

@@ -39,7 +39,7 @@ from kdbook_utils.methods.mskd import MSKD
 from kdbook_utils.models import create_model
 from kdbook_utils.models.multi_exit import MultiExit
 from kdbook_utils.presets import get_preset
-from kdbook_utils.train import fit, seed_everything
+from kdbook_utils.train import evaluate, fit, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,6 +228,9 @@ def test_a_shipped_teacher_is_found_by_its_recipe_whatever_the_precision(
 
         def trained_models(self) -> dict:
             return {"teacher": trained}
+
+        def accuracy(self, model: nn.Module, split: str) -> float:
+            return float(evaluate(model, TensorLoader(getattr(splits, split), 256, train=False))["accuracy"])
 
     (record,) = ship(Runner(), "a test", folder)  # type: ignore[arg-type]
     assert record["stored_as"] == "float16" and record["precision"] == "float32"

@@ -148,7 +148,7 @@ def test_lesson_1_shows_the_training_step_every_method_trains_with() -> None:
     _, _, source = cells[0]
     first, _, body = source.partition("\n")
     assert first == "# kdbook_utils/train.py", "the cell names the file it is copied from"
-    assert body == inspect.getsource(train_module.train_step), (
+    assert body == inspect.getsource(train_module.train_step).rstrip("\n"), (
         "the cell and kdbook_utils.train.train_step differ"
     )
     assert 15 <= len(body.splitlines()) <= 30, "the step stays short enough to read in one go"

@@ -163,6 +163,10 @@ COLAB = {
     "pandas": "2.2.3",
     "tqdm": "4.67.3",
     "scikit-learn": "1.6.1",
+    "numpy": "2.0.2",
+    "scipy": "1.16.3",
+    "pillow": "11.3.0",
+    "ipython": "7.34.0",  # google-colab pins IPython 7: an ipython>=8 bound would replace Colab's own
 }
 
 
@@ -368,7 +372,7 @@ def test_book_toc_drops_missing_pages_and_appends_new_ones(tmp_path: Path) -> No
     assert "lessons/00_start_here" in dropped and "lessons/01_hinton_kd" not in dropped
 
 
-def test_lesson_links_point_at_the_committed_notebooks() -> None:
+def test_lesson_links_point_at_the_student_notebooks() -> None:
     links = load_module(BOOK / "_ext" / "notebook_links.py")
     context = {
         "header_buttons": [
@@ -381,8 +385,8 @@ def test_lesson_links_point_at_the_committed_notebooks() -> None:
     links.retarget_links(None, "lessons/01_x", "page.html", context, None)
     urls = [button["url"] for button in context["header_buttons"][0]["buttons"]]
     assert urls == [
-        "https://colab.research.google.com/github/kdbook/kdbook/blob/main/notebooks/01_x.ipynb",
-        "https://mybinder.org/v2/gh/kdbook/kdbook/main?urlpath=lab/tree/notebooks/01_x.ipynb",
+        "https://colab.research.google.com/github/kdbook/kdbook/blob/main/notebooks/student/01_x.ipynb",
+        "https://mybinder.org/v2/gh/kdbook/kdbook/main?urlpath=lab/tree/notebooks/student/01_x.ipynb",
     ]
     untouched = {"header_buttons": [{"url": "https://github.com/kdbook/kdbook/blob/main/kdbook/intro.md"}]}
     links.retarget_links(None, "intro", "page.html", untouched, None)
@@ -393,13 +397,13 @@ def test_lesson_links_point_at_the_committed_notebooks() -> None:
 @pytest.mark.notebook
 def test_book_builds_offline(built_book: Path) -> None:
     """The book built from this session's executed notebooks (one build, shared with every test that reads
-    it): the lessons' links are rewritten to the committed notebooks, math and scripts are the book's own."""
+    it): the lessons' links are rewritten to the student notebooks, math and scripts are the book's own."""
     html = built_book
     assert (html / "index.html").is_file()
     lesson = (html / "lessons" / "01_hinton_kd.html").read_text()
     repository = load_module(REPO / "scripts" / "set_repository.py").configured_repository(REPO)
     colab = f"colab.research.google.com/github/{repository.owner_name}/blob/{repository.branch}"
-    assert f"{colab}/notebooks/01_hinton_kd.ipynb" in lesson
+    assert f"{colab}/notebooks/student/01_hinton_kd.ipynb" in lesson
     assert "kdbook/lessons/01_hinton_kd.ipynb" not in lesson
     assert "Lesson 1" in lesson
     # Math is typeset by the book's own copy of MathJax, and code wraps (kdbook/_static/kdbook.css).

@@ -33,6 +33,11 @@ from kdbook_utils.lessons import LessonRunner
 from kdbook_utils.presets import Preset
 from kdbook_utils.train import DeviceLike
 
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX file locks
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["ship", "train_teachers"]
 
 
@@ -81,16 +86,10 @@ def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dic
         float32_accuracy = runner.accuracy(trained.model, "test")
         target = save_checkpoint(trained.model, folder / name, storage=torch.float16, leave_out=_left_out(trained),
                                  **stored["metadata"])  # fmt: skip
-        stored_as, shipped_accuracy = (
-            "float16",
-            runner.accuracy(_half_copy(trained.model, read_checkpoint(target)), "test"),
-        )
-        if (
-            float32_accuracy - shipped_accuracy > HALF_PRECISION_TOLERANCE
-        ):  # half precision costs accuracy: keep float32
-            target = save_checkpoint(
-                trained.model, folder / name, leave_out=_left_out(trained), **stored["metadata"]
-            )
+        stored_as = "float16"
+        shipped_accuracy = runner.accuracy(_half_copy(trained.model, read_checkpoint(target)), "test")
+        if float32_accuracy - shipped_accuracy > HALF_PRECISION_TOLERANCE:  # half precision costs accuracy
+            target = save_checkpoint(trained.model, folder / name, leave_out=_left_out(trained), **stored["metadata"])
             stored_as, shipped_accuracy = "float32", float32_accuracy
         history = stored["metadata"].get("history") or {}
         records.append({
@@ -130,9 +129,7 @@ def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dic
 def _manifest_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder``'s manifest while it is read, changed and written (POSIX only:
     elsewhere shipping two lessons at once is the one thing not to do)."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         yield
         return
     with open(folder / ".manifest.lock", "w") as lock:
