@@ -29,11 +29,11 @@ import torch
 
 __all__ = [
     "ThreadChoice",
+    "affinity_cpu_count",
+    "cfs_quota_limit",
     "cgroup_cpu_limit",
     "cpu_max_limit",
-    "cfs_quota_limit",
     "fit_torch_threads",
-    "affinity_cpu_count",
     "usable_cpu_count",
 ]
 

@@ -80,7 +80,10 @@ def test_list_names_every_lesson_stage_and_preset(capsys: pytest.CaptureFixture[
         (["run", "hinton", "--set", "epochs=2.5"], ["epochs=2.5", "whole number"]),
         (["run", "hinton", "--set", "student=3"], ["student=3", "e.g. --set student='cnn-3x16'"]),
         (["run", "hinton", "--set", "epochs"], ["FIELD=VALUE", "'epochs'"]),
-        (["run", "lm", "--set", "student=gpt-1x33"], ["'gpt-1x33'", "gpt-1x32, gpt-2x32", "Did you mean 'gpt-1x32'?"]),
+        (
+            ["run", "lm", "--set", "student=gpt-1x33"],
+            ["'gpt-1x33'", "gpt-1x32, gpt-2x32", "Did you mean 'gpt-1x32'?"],
+        ),
         (["run", "hinton", "--device", "tpu"], ["--device tpu", "'auto', 'cpu', 'cuda'"]),
         (["run", "hinton", "--ray", "--cpus-per-run", "0"], ["--cpus-per-run 0", "e.g. --cpus-per-run 1"]),
         (["show", "/no/such/results"], ["'/no/such/results'", "results/lab/hinton.csv"]),

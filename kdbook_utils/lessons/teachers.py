@@ -89,7 +89,9 @@ def ship(runner: LessonRunner, command: str, folder: Path = SHIPPED) -> list[dic
         stored_as = "float16"
         shipped_accuracy = runner.accuracy(_half_copy(trained.model, read_checkpoint(target)), "test")
         if float32_accuracy - shipped_accuracy > HALF_PRECISION_TOLERANCE:  # half precision costs accuracy
-            target = save_checkpoint(trained.model, folder / name, leave_out=_left_out(trained), **stored["metadata"])
+            target = save_checkpoint(
+                trained.model, folder / name, leave_out=_left_out(trained), **stored["metadata"]
+            )
             stored_as, shipped_accuracy = "float32", float32_accuracy
         history = stored["metadata"].get("history") or {}
         records.append({
