@@ -4,12 +4,13 @@ the book and the README.
     python scripts/time_notebooks.py --preset quick                 # fresh cache, then again with it warm
     python scripts/time_notebooks.py --preset lab --data ~/data/cifar10 notebooks/01_hinton_kd.ipynb
     python scripts/time_notebooks.py --preset lab --only-cached ...  # the cache in $KDBOOK_CACHE is warm
-    python scripts/time_notebooks.py --preset lab --teachers ...     # + the teachers, timed on their own
+    python scripts/time_notebooks.py --preset paper --teachers ...   # + the teachers, timed on their own
     python scripts/time_notebooks.py --preset quick --memory-only    # memory only; the times recorded stay
 
 Each notebook is executed twice in a fresh kernel (with ``scripts/execute_notebooks.py``'s kernel): first
-with an empty teacher cache (``teachers: empty cache, notebooks in order``: notebook 01 finds the teacher
-that 00 trained), then again with the cache that run filled (``already cached``). Each run appends a row to
+with an empty cache (``fresh cache``: the shipped teachers load, everything else trains; in ``paper``,
+whose teachers do not ship, notebook 01 finds the teacher that 00 trained), then again with the cache that
+run filled (``already cached``). Each run appends a row to
 ``kdbook_utils/results/timings.csv``, replacing an earlier row of the same notebook, preset, cache state and
 machine: the notebook, preset, cache state, machine, date and seconds, and the kernel's peak resident memory
 in MiB (``peak_memory_mib``, Linux's ``VmHWM`` of the kernel process, with ``memory_date``), which tells an
@@ -19,8 +20,8 @@ the README read that file; rows written before memory was measured have none (sh
 ``--memory-only`` runs the same way but records only the memory, into the rows already there, and keeps
 their times: on a machine busy with other work the times would come out too long, the memory would not.
 
-``--teachers`` is the cheaper way to the empty-cache time when the notebooks are long (``lab`` on a small
-CPU): an empty cache differs from a warm one only in the teachers the notebook trains, so it trains each
+``--teachers`` is for presets whose teachers do not ship (``paper``; ``quick`` and ``lab`` ship theirs, so
+there is nothing to time): it is the cheaper way to the empty-cache time when the notebooks are long. An empty cache differs from a warm one only in the teachers the notebook trains, so it trains each
 notebook's teachers on their own, from an empty cache, exactly as the lesson does (its runner's
 ``prepare`` and ``notebook_teachers``), and records the notebook's empty-cache time as its measured cached
 time plus theirs (the ``teacher_seconds`` column says how much of the time they are). Its peak memory is the

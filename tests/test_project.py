@@ -411,6 +411,8 @@ def test_book_builds_offline(built_book: Path) -> None:
     assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
     assert any((html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
     assert "_static/kdbook.css" in lesson and "pre-wrap" in (html / "_static" / "kdbook.css").read_text()
+    # A first visit (nothing in localStorage) starts in a valid mode: no "Got invalid theme mode" error.
+    assert 'localStorage.getItem("mode") || "auto"' in lesson
     scripts = re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", lesson)
     assert scripts and not [src for src in scripts if "://" in src], f"scripts from the network: {scripts}"
 

@@ -70,7 +70,7 @@ def _times_rows(table: pd.DataFrame) -> list[str]:
         ):  # time_notebooks.py --teachers: cached run + teachers alone
             teachers = f"trained first ({_duration(row['teacher_seconds'])}, timed on their own)"
         else:
-            teachers = "empty cache, notebooks in order"
+            teachers = "fresh cache (shipped teachers load; the rest trains)"
         lines.append(f"| `{row['preset']}` | {teachers} | {row['machine']} | {_measured(row)} "
                      f"| {_duration(row['seconds'])} | {_memory(row)} |")  # fmt: skip
     return lines
@@ -98,15 +98,15 @@ def recordings_markdown() -> str:
     for path in sorted(RESULTS.glob("*/*.json")):
         provenance = json.loads(path.read_text())
         trained = provenance.get("models_trained")
-        teachers = "?" if trained is None else "trained in the run" if trained else "from the cache"
+        teachers = "?" if trained is None else "trained in the run" if trained else "shipped or cached"
         rows.append(f"| {provenance['lesson']} | `{provenance['preset']}` | {teachers} | {provenance['machine']}, "
                     f"`{provenance['device']}`, {provenance.get('precision', 'float32')} | {provenance['date'][:10]} "
                     f"| {provenance['wall_seconds'] / 60:.0f} min | `{provenance['command']}` |")  # fmt: skip
     if not rows:
         return "*No experiments recorded yet.*\n"
     header = [
-        "| lesson | preset | machine, device, precision | measured | time | command |",
-        "|---|---|---|---|---|---|",
+        "| lesson | preset | teachers | machine, device, precision | measured | time | command |",
+        "|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + rows) + "\n"
 
