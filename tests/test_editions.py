@@ -682,7 +682,12 @@ def test_every_marked_notebook_grades_as_the_three_editions_should(
                                                 f".{path.stem}-wrong"), path.name)  # fmt: skip
     for scratch in path.parent.glob(f".{path.stem}-*.ipynb"):
         scratch.unlink()
-    assert full.points == sum(c.max_points for c in full.cells if c.kind == "autograded"), full.table()
+    # The smoke preset's students are too small to learn: an experiment exercise's runs fail, and its checker
+    # must say exactly that (flagged, never compared). Its correct path is tested on real tables in
+    # tests/test_exercises.py, and in this test with KDBOOK_EDITIONS_PRESET=quick.
+    flagged = {c.grade_id for c in full.cells if preset == "smoke" and "of your runs failed" in c.feedback}
+    assert full.points == sum(c.max_points for c in full.cells if c.kind == "autograded"
+                              and c.grade_id not in flagged), full.table()  # fmt: skip
     assert errors_outside_test_cells(full.graded) == []
     by_id = wrong.by_id()
     for answer in answers:

@@ -210,6 +210,11 @@ def test_check_fewer_images_checks_the_experiment_the_verdict_and_the_quoted_dif
     )
     one_seed = fewer_images_runs(3.0, seeds=1)
     assert_result(check_fewer_images(jobs, one_seed, "larger", "better", right, 300), "incorrect", "One seed")
+    at_chance = fewer_images_runs(3.0)
+    at_chance.loc[at_chance["seed"] > 0, "failed"] = "accuracy 10.0 % on val is at or near chance (10 %)"
+    flagged = assert_result(check_fewer_images(jobs, at_chance, "larger", "better", right, 300), "incorrect",
+                            "4 of your runs failed (accuracy 10.0 %")  # fmt: skip
+    assert "never compared" in flagged.feedback
 
 
 # ------------------------------------------------------------------------------------------- lesson 2: LSL

@@ -242,6 +242,12 @@ def experiment_report(
         return exercise.incorrect(f"Your runs have no rows of {missing}: run both jobs with lesson.table.")
     comparison = compare(runs, baseline, split="test", methods=[baseline, method])
     row = comparison.table.loc[method]
+    failed = (runs[runs["method"].isin([baseline, method]) & (runs["failed"] != "")].drop_duplicates(["method", "seed"])
+              if "failed" in runs else [])  # fmt: skip
+    if int(row["seeds"]) < 2 and len(failed):
+        return exercise.incorrect(f"{len(failed)} of your runs failed ({failed['failed'].iloc[0]}), and a failed "
+                                  "run is flagged, never compared: fewer than two seeds are left. Give the runs "
+                                  "enough images and epochs to learn (the lesson's own settings do).")  # fmt: skip
     if int(row["seeds"]) < 2:
         return exercise.incorrect("One seed cannot tell a gain from seed noise: run the jobs over two or more "
                                   "seeds (e.g. SETTINGS.seeds).")  # fmt: skip
