@@ -37,6 +37,8 @@ _WRONG_COLOUR = "#cf222e"
 
 #: Resolution of every figure: crisp in a notebook and in the rendered book, and small files.
 DPI = 100
+#: The widest figure, in inches: a wider one is shrunk below legibility at the book's column width.
+MAX_FIGURE_WIDTH = 10.0
 
 
 @contextmanager
@@ -116,7 +118,7 @@ def plot_history(
         fig, axes = plt.subplots(
             1,
             len(metrics),
-            figsize=(3.7 * len(metrics), height),
+            figsize=(min(3.7 * len(metrics), MAX_FIGURE_WIDTH), height),
             layout="constrained",
             squeeze=False,
             dpi=DPI,
@@ -541,6 +543,9 @@ def image_grid(
 
     columns = max(1, min(ncols, count))
     rows = math.ceil(count / columns)
+    panel_size = min(
+        panel_size, MAX_FIGURE_WIDTH / columns
+    )  # many columns: smaller panels, not a wider figure
     title_lines = 2 if predicted is not None else 1
     with _style("white"):
         fig, axes = plt.subplots(

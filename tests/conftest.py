@@ -8,11 +8,21 @@ folder (never into the repository) and reused by later sessions. The zips are lo
 ``executed_notebooks``: every notebook in ``notebooks/`` executed once per test session with the quick
 preset, on first request, and kept: the notebook tests check the executed copies, and the browser test
 builds the book from them.
+
+The test command runs pytest in two processes (pytest-xdist, ``scripts/test.sh``). What a session does once
+(extract CIFAR-10, execute a notebook, build the book) is done once for both: the work sits in a folder the
+workers share (:func:`shared_folder`) and a file lock lets the first worker that needs it do it while the
+other waits and reuses the result. Tests are grouped so that each group runs in one worker
+(:func:`pytest_collection_modifyitems`): one group per executed notebook, one for the book and the browser,
+one for the tests of real CIFAR-10, and one per module otherwise (its module-scoped fixtures built once).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +30,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +58,27 @@ def _extraction_folder() -> Path:
     return base / "cifar10-jpeg"
 
 
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder every worker of this test session shares (the session's own temporary folder without
+    pytest-xdist, where the workers' folders sit side by side with it)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created if missing): one worker at a time."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def cifar10_root() -> Path:
     """A folder holding ``train/<class>/*.jpg`` and ``test/<class>/*.jpg`` of the real CIFAR-10."""
@@ -59,6 +91,11 @@ def cifar10_root() -> Path:
             "to the folder holding train.zip and test.zip to run this test"
         )
     target = _extraction_folder()
+    with exclusive(target.parent / ".cifar10-jpeg.lock"):  # two workers never extract at once
+        return _extract(archives, target)
+
+
+def _extract(archives: list[Path], target: Path) -> Path:
     stamp = ";".join(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in archives)
     stamp_file = target / ".extracted-from"
     if stamp_file.is_file() and stamp_file.read_text() == stamp:
@@ -85,7 +122,7 @@ def cifar10_root() -> Path:
 def decoded_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One folder of decoded CIFAR-10 tensors for the whole session: a test that gives itself a private
     cache links its ``decoded/`` here (:func:`private_cache`), so the 60,000 JPEGs are decoded once."""
-    return tmp_path_factory.mktemp("decoded")
+    return shared_folder(tmp_path_factory, "decoded")
 
 
 def private_cache(folder: Path, decoded: Path) -> Path:
@@ -118,6 +155,10 @@ class NotebookRun:
     seconds: float
 
 
+class NotebookFailed(Exception):
+    """A notebook that the other worker executed failed: its error, as that worker recorded it."""
+
+
 class ExecutedNotebooks:
     """Runs each notebook's student edition (what the book shows) at most once per session, in a fresh
     kernel running this Python with the quick preset. All runs share one empty cache folder
@@ -133,9 +174,24 @@ class ExecutedNotebooks:
         self._runs: dict[str, NotebookRun] = {}
 
     def run(self, source: Path) -> NotebookRun:
-        """Execute ``source`` (a notebook in ``notebooks/``) unless this session already has."""
+        """Execute ``source`` (a notebook in ``notebooks/``) unless this session already has (in this worker
+        or the other: the executed copy and a record of the run are in the shared folder)."""
         if source.name in self._runs:
             return self._runs[source.name]
+        record = self.folder / f"{source.stem}.run.json"
+        with exclusive(self.folder / f"{source.stem}.lock"):
+            if record.is_file():
+                done = json.loads(record.read_text())
+                run = NotebookRun(source, self.folder / source.name if done["executed"] else None,
+                                  None if done["error"] is None else NotebookFailed(done["error"]), done["seconds"])  # fmt: skip
+            else:
+                run = self._execute(source)
+                record.write_text(json.dumps({"executed": run.executed is not None, "seconds": run.seconds,
+                                              "error": None if run.error is None else str(run.error)}))  # fmt: skip
+        self._runs[source.name] = run
+        return run
+
+    def _execute(self, source: Path) -> NotebookRun:
         start = time.perf_counter()
         executed: Path | None = None
         error: Exception | None = None
@@ -153,9 +209,7 @@ class ExecutedNotebooks:
             else:
                 executed = self.folder / source.name
                 nbformat.write(notebook, executed)
-        run = NotebookRun(source, executed, error, time.perf_counter() - start)
-        self._runs[source.name] = run
-        return run
+        return NotebookRun(source, executed, error, time.perf_counter() - start)
 
     def run_all(self) -> list[NotebookRun]:
         """Every notebook in ``notebooks/``, in order (those already run are not run again)."""
@@ -164,8 +218,8 @@ class ExecutedNotebooks:
 
 @pytest.fixture(scope="session")
 def executed_notebooks(tmp_path_factory: pytest.TempPathFactory) -> ExecutedNotebooks:
-    folder, cache = tmp_path_factory.mktemp("executed-notebooks"), tmp_path_factory.mktemp("kdbook-cache")
-    return ExecutedNotebooks(folder, cache)
+    folder = shared_folder(tmp_path_factory, "executed-notebooks")
+    return ExecutedNotebooks(folder, shared_folder(tmp_path_factory, "kdbook-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -178,7 +232,17 @@ def built_book(tmp_path_factory: pytest.TempPathFactory, executed_notebooks: Exe
     runs = executed_notebooks.run_all()
     failed = [run.source.name for run in runs if run.executed is None]
     assert not failed, f"the book would lack pages: these notebooks failed to run: {', '.join(failed)}"
-    copy = tmp_path_factory.mktemp("book")
+    copy = shared_folder(tmp_path_factory, "book")
+    with exclusive(copy.parent / "book.lock"):  # built once for both workers
+        if not (copy / ".built").is_file():
+            _build_book(jupyter_book, runs, copy)
+            (copy / ".built").write_text("")
+    return copy / "kdbook" / "_build" / "html"
+
+
+def _build_book(jupyter_book: str, runs: list[NotebookRun], copy: Path) -> None:
+    shutil.rmtree(copy / "kdbook", ignore_errors=True)  # what a failed attempt left
+    shutil.rmtree(copy / "scripts", ignore_errors=True)
     shutil.copytree(REPO / "kdbook", copy / "kdbook", ignore=shutil.ignore_patterns("_build", "lessons"))
     shutil.copytree(REPO / "scripts", copy / "scripts")
     (copy / "kdbook" / "lessons").mkdir()
@@ -194,9 +258,26 @@ def built_book(tmp_path_factory: pytest.TempPathFactory, executed_notebooks: Exe
     result = subprocess.run(build, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "WARNING" not in result.stdout + result.stderr, "the book builds without warnings"
-    return copy / "kdbook" / "_build" / "html"
 
 
+def _group(item: pytest.Item) -> tuple[int, str]:
+    """The xdist group of ``item`` and its rank in the run order: the executed notebooks first (the longest
+    groups, one per notebook), then each module's tests, then the book and the browser (they read every
+    executed notebook, so they come when the notebooks are done)."""
+    if item.get_closest_marker("browser") is not None or item.get_closest_marker("book") is not None:
+        return 3 if item.get_closest_marker("browser") else 2, "book"
+    if item.get_closest_marker("cifar") is not None:
+        return 1, "cifar"  # decoded once, in one worker
+    notebook = getattr(getattr(item, "callspec", None), "params", {}).get("path")
+    if item.get_closest_marker("notebook") is not None and isinstance(notebook, Path):
+        return 0, f"notebook-{notebook.stem}"
+    return 1, item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Browser tests run last: they reuse the notebooks that the notebook tests executed."""
-    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+    """Order and group the tests (see the module's docstring); browser tests run last either way."""
+    ranked = {item.nodeid: _group(item) for item in items}
+    items.sort(key=lambda item: ranked[item.nodeid][0])
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(ranked[item.nodeid][1]))

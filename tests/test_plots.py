@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
 from kdbook_utils.plots import (
+    MAX_FIGURE_WIDTH,
     MAX_TICK_LABELS,
     heatmap_grid,
     image_grid,
@@ -374,3 +375,12 @@ def test_plots_leave_the_interactive_flag_alone(monkeypatch: pytest.MonkeyPatch)
             assert matplotlib.is_interactive(), "the plot function restored rcParams['interactive']"
     finally:
         matplotlib.interactive(was_interactive)
+
+
+def test_many_panels_or_images_never_make_a_figure_wider_than_the_book_shows() -> None:
+    frame = history()
+    frame["lr"] = 0.1
+    assert plot_history(frame, metrics=("loss", "acc", "lr")).get_size_inches()[0] <= MAX_FIGURE_WIDTH
+    images = torch.zeros(24, 3, 8, 8, dtype=torch.uint8)
+    grid = image_grid(images, torch.zeros(24, dtype=torch.long), CLASSES, ncols=12)
+    assert grid.get_size_inches()[0] <= MAX_FIGURE_WIDTH
