@@ -1,9 +1,9 @@
 """Sphinx extension: the theme starts in "auto" mode (the reader's system setting).
 
-Without ``default_mode`` the pydata theme's page script sets the mode to ``localStorage["mode"] || ""``,
-so the first page a reader opens (nothing stored yet) logs "Got invalid theme mode: ." as a console error.
-Setting the option in ``_config.yml`` would replace every theme option Jupyter Book computes (its launch
-and repository buttons); this adds the one key to them.
+Without ``default_mode`` in the page context, the pydata theme's page script sets the mode to
+``localStorage["mode"] || ""``, so the first page a reader opens (nothing stored yet) logs "Got invalid theme
+mode: ." as a console error. ``html_context`` set in ``_config.yml`` would replace the whole context that
+Jupyter Book fills in; this adds the one key.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sphinx.config import Config
 
 
 def default_to_auto(app: Sphinx, config: Config) -> None:
-    config.html_theme_options.setdefault("default_mode", "auto")
+    config.html_context.setdefault("default_mode", "auto")
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
