@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdbook_utils.models import create_model
-from kdbook_utils.train import autocast_dtype, choose_device, configure_cpu_performance, fit, seed_everything
+from kdbook_utils.train import choose_device, configure_cpu_performance, fit, seed_everything
 
 BATCH_SIZE = 128
 DISTINCT_BATCHES = 8  # random batches generated once and cycled through
@@ -139,7 +139,7 @@ def rates(images: int, timings: list[Timing]) -> tuple[float, float]:
 
 def compare_with_fit(device: torch.device, steps: int, repeats: int) -> None:
     channels_last = device.type in ("cpu", "cuda")  # fit's default
-    amp_dtype = autocast_dtype(None, device)  # fit's default
+    amp_dtype = None  # fit's default: float32 unless the caller passes a precision
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as fit sets it
     batches = make_batches(steps, device, channels_last)
