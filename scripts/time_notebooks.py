@@ -8,9 +8,9 @@ the book and the README.
     python scripts/time_notebooks.py --preset quick --memory-only    # memory only; the times recorded stay
 
 Each notebook is executed twice in a fresh kernel (with ``scripts/execute_notebooks.py``'s kernel): first
-with an empty cache (``fresh cache``: the shipped teachers load, everything else trains; in ``paper``,
-whose teachers do not ship, notebook 01 finds the teacher that 00 trained), then again with the cache that
-run filled (``already cached``). Each run appends a row to
+with an empty cache (``teachers: empty cache, notebooks in order``: shipped teachers load from the package,
+anything else is trained; in ``paper``, whose teachers do not ship, notebook 01 finds the teacher that 00
+trained), then again with the cache that run filled (``already cached``). Each run appends a row to
 ``kdbook_utils/results/timings.csv``, replacing an earlier row of the same notebook, preset, cache state and
 machine: the notebook, preset, cache state, machine, date and seconds, and the kernel's peak resident memory
 in MiB (``peak_memory_mib``, Linux's ``VmHWM`` of the kernel process, with ``memory_date``), which tells an

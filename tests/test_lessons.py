@@ -163,10 +163,7 @@ def test_the_book_tables_of_times_are_rendered_from_the_recorded_files(tmp_path,
         "| `01_hinton_kd` | `lab` | trained first (6.0 min, timed on their own) | m | d | 18.6 min "
         "| not measured yet |" in text
     )
-    assert (
-        "| `00_start_here` | `quick` | fresh cache (shipped teachers load; the rest trains) | m | d | 30 s "
-        "| 612 MiB |" in text
-    )
+    assert "| `00_start_here` | `quick` | empty cache, notebooks in order | m | d | 30 s | 612 MiB |" in text
     assert "| hinton | `lab` | ? | m, `cpu`, bfloat16 | 2026-12-02 | 25 min |" in text
     tables = [[line for line in part.splitlines() if line.startswith("|")] for part in text.split("\n\n")]
     tables = [rows for rows in tables if rows]

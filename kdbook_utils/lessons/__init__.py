@@ -70,7 +70,7 @@ def _times_rows(table: pd.DataFrame) -> list[str]:
         ):  # time_notebooks.py --teachers: cached run + teachers alone
             teachers = f"trained first ({_duration(row['teacher_seconds'])}, timed on their own)"
         else:
-            teachers = "fresh cache (shipped teachers load; the rest trains)"
+            teachers = "empty cache, notebooks in order"
         lines.append(f"| `{row['preset']}` | {teachers} | {row['machine']} | {_measured(row)} "
                      f"| {_duration(row['seconds'])} | {_memory(row)} |")  # fmt: skip
     return lines
