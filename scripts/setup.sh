@@ -7,8 +7,6 @@
 # Creates .venv with $PYTHON (default python3) if it is missing or broken, and runs
 # `pip install -e ".[test,book]"` only when pyproject.toml (or the Python version) changed since the
 # last successful install: a stamp file in .venv holds their hash, so a second run takes a second.
-# `--no-compile`: pip would byte-compile every installed module (a minute here, most of it for modules
-# nothing imports); Python compiles the ones it imports, once, on first import.
 # The same step downloads the wheels of Colab's widget versions (tests/colab_widgets.txt) into
 # .venv/colab-widgets-wheels/, for tests/test_colab_widgets.py, which runs offline.
 set -euo pipefail
@@ -42,7 +40,7 @@ fi
 echo "setup: installing kdbook-utils with its test and book extras into $VENV (the first time downloads a few GB)"
 start=$SECONDS
 "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip
-"$VENV/bin/python" -m pip install --disable-pip-version-check --no-compile -e "$ROOT[test,book]"
+"$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[test,book]"
 "$VENV/bin/python" -m pip download --disable-pip-version-check --quiet --no-deps \
     --dest "$VENV/colab-widgets-wheels" -r "$ROOT/tests/colab_widgets.txt"
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name kdbook --display-name "Python (kdbook)" >/dev/null
