@@ -260,18 +260,26 @@ def _build_book(jupyter_book: str, runs: list[NotebookRun], copy: Path) -> None:
     assert "WARNING" not in result.stdout + result.stderr, "the book builds without warnings"
 
 
+#: Modules whose tests take a minute or more in all (subprocesses, Ray, torchrun, a wheel build): scheduled
+#: right after the notebooks, so that no long group is left for the end while the other worker waits.
+LONG_MODULES = ("tests/test_sweep.py", "tests/test_distributed.py", "tests/test_editions.py", "tests/test_cli.py",
+                "tests/test_release.py", "tests/test_experiments.py")  # fmt: skip
+
+
 def _group(item: pytest.Item) -> tuple[int, str]:
     """The xdist group of ``item`` and its rank in the run order: the executed notebooks first (the longest
-    groups, one per notebook), then each module's tests, then the book and the browser (they read every
-    executed notebook, so they come when the notebooks are done)."""
+    groups, one per notebook), then the long modules and CIFAR-10's tests, then each other module's tests,
+    then the book and the browser (they read every executed notebook, so they come when the notebooks are
+    done)."""
     if item.get_closest_marker("browser") is not None or item.get_closest_marker("book") is not None:
-        return 3 if item.get_closest_marker("browser") else 2, "book"
+        return 4 if item.get_closest_marker("browser") else 3, "book"
     if item.get_closest_marker("cifar") is not None:
         return 1, "cifar"  # decoded once, in one worker
     notebook = getattr(getattr(item, "callspec", None), "params", {}).get("path")
     if item.get_closest_marker("notebook") is not None and isinstance(notebook, Path):
         return 0, f"notebook-{notebook.stem}"
-    return 1, item.nodeid.split("::")[0]
+    module = item.nodeid.split("::")[0]
+    return (1 if module in LONG_MODULES else 2), module
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
