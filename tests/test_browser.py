@@ -546,6 +546,9 @@ def test_every_book_page_loads_offline_with_figures_and_math(browser: WebDriver,
     assert {"intro.html", "lessons/00_start_here.html", "lessons/01_hinton_kd.html"} <= names, names
     problems: list[str] = []
     images = widgets = formulas = 0
+    browser.get(
+        "about:blank"
+    )  # leave any JupyterLab page first: its "beforeunload" warning is logged on leaving
     browser.get_log("browser")  # drop earlier tests' messages
     for page in pages:
         name = str(page.relative_to(built_book))
