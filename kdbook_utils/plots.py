@@ -543,9 +543,8 @@ def image_grid(
 
     columns = max(1, min(ncols, count))
     rows = math.ceil(count / columns)
-    panel_size = min(
-        panel_size, MAX_FIGURE_WIDTH / columns
-    )  # many columns: smaller panels, not a wider figure
+    # Many columns make smaller panels, not a wider figure.
+    panel_size = min(panel_size, MAX_FIGURE_WIDTH / columns)
     title_lines = 2 if predicted is not None else 1
     with _style("white"):
         fig, axes = plt.subplots(
